@@ -1,0 +1,3 @@
+from iommusim.cli.app import main
+
+main()

@@ -1,0 +1,124 @@
+"""A whole simulated system for one vendor: machine, IOMMU hardware, driver and generic layer, wired up.
+
+``HardwareSpec`` is what a scenario file or the CLI says about the machine (vendor, memory, the IOMMU's
+capabilities); ``build_platform`` asks the vendor's builder to create the hardware units, describe them
+to the driver the way firmware would (DMAR, IVRS, device tree), route every device's DMA through its unit
+and bring the generic layer up.  Vendors register a builder by module path in ``VENDORS``; a vendor whose
+module is not installed is simply not available.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from iommusim.errors import InvalidArgument, NoDevice
+from iommusim.hw.base import DmaRemapper
+from iommusim.iommu.config import IommuConfig
+from iommusim.iommu.layer import Iommu, ProgressFn
+from iommusim.iommu.ops import IommuOps
+from iommusim.machine.domain import Domain, DomainKind
+from iommusim.machine.machine import Machine
+from iommusim.machine.pci import PciDevice
+
+__all__ = ["VENDORS", "HardwareSpec", "Platform", "available_vendors", "build_platform"]
+
+#: vendor name -> "module:function" of its builder, ``build(spec, config, devices) -> Platform``.
+VENDORS: dict[str, str] = {}
+
+
+@dataclass(frozen=True)
+class HardwareSpec:
+    """What the machine and its IOMMU can do."""
+
+    vendor: str
+    ram_bytes: int = 4 << 30
+    address_width: int = 46  # host physical address width
+    #: page shifts beyond 4 KiB the IOMMU supports for leaves (21 = 2 MiB, 30 = 1 GiB)
+    superpages: tuple[int, ...] = (21, 30)
+    iotlb_entries: int = 1024
+    caching_mode: bool = False
+    queued_invalidation: bool = True
+    units: int = 1
+    #: vendor-specific knobs (e.g. VT-d "sagaw", AMD "paging_modes", SMMU "context_banks")
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Platform:
+    vendor: str
+    machine: Machine
+    iommu: Iommu
+    ops: IommuOps
+    units: list[DmaRemapper]
+    spec: HardwareSpec
+
+    def create_hardware_domain(
+        self,
+        memory_bytes: int,
+        *,
+        kind: DomainKind = DomainKind.PV,
+        direct_mapped: bool = False,
+        progress: ProgressFn | None = None,
+    ) -> Domain:
+        """Domain 0: owns every device at boot; its IOMMU view is set up by hwdom_init."""
+        d = self.machine.create_domain(
+            0, kind, memory_bytes=memory_bytes, hardware=True, direct_mapped=direct_mapped, name="d0"
+        )
+        for dev in self.machine.pci:
+            if dev.owner is None:
+                dev.owner = d
+                d.pci_devices.append(dev)
+        self.iommu.domain_init(d)
+        self.iommu.hwdom_init(d, progress)
+        for dev in list(d.pci_devices):
+            self.iommu.add_device(dev)
+        return d
+
+    def create_guest(self, domid: int, memory_bytes: int, *, kind: DomainKind = DomainKind.HVM) -> Domain:
+        d = self.machine.create_domain(domid, kind, memory_bytes=memory_bytes)
+        self.iommu.domain_init(d)
+        return d
+
+    def destroy(self, d: Domain) -> None:
+        """Give the domain's devices back, drop its IOMMU state, free its memory."""
+        for dev in list(d.pci_devices):
+            self.iommu.deassign_device(d, dev)
+        self.iommu.domain_destroy(d)
+        self.machine.destroy_domain(d)
+
+    def device(self, name: str) -> PciDevice:
+        return self.machine.pci.get(name)
+
+
+Builder = Callable[[HardwareSpec, IommuConfig, Sequence[PciDevice]], Platform]
+
+
+def _builder(vendor: str) -> Builder | None:
+    target = VENDORS.get(vendor)
+    if target is None:
+        return None
+    module, _, func = target.partition(":")
+    try:
+        mod = importlib.import_module(module)
+    except ImportError:
+        return None
+    builder: Builder = getattr(mod, func)
+    return builder
+
+
+def available_vendors() -> list[str]:
+    return [v for v in VENDORS if _builder(v) is not None]
+
+
+def build_platform(
+    spec: HardwareSpec, *, config: IommuConfig | None = None, devices: Sequence[PciDevice] = ()
+) -> Platform:
+    if spec.vendor not in VENDORS:
+        raise InvalidArgument(f"unknown vendor {spec.vendor!r}; known: {', '.join(sorted(VENDORS)) or 'none'}")
+    builder = _builder(spec.vendor)
+    if builder is None:
+        raise NoDevice(f"the {spec.vendor} model is not available in this installation")
+    return builder(spec, config or IommuConfig(), devices)

@@ -1,0 +1,48 @@
+"""Named switches that reproduce defects of the seed-era Xen code.
+
+The model is correct by default.  Each quirk brings back one historic behaviour so that users can see
+what it broke and check that their tools catch it.  The text says what the defect was and which commit
+fixed it (facts file, ../shared/spec).
+"""
+
+from __future__ import annotations
+
+from iommusim.errors import InvalidArgument
+
+__all__ = ["QUIRKS", "check_quirks"]
+
+QUIRKS: dict[str, str] = {
+    "lookup-null-deref": (
+        "generic lookup_page calls a vendor op that AMD and ARM do not provide (a NULL dereference at the "
+        "seed; fixed by 14e122fcc4): modelled as a hypervisor BUG"
+    ),
+    "amd-remap-perm-no-flush": (
+        "AMD map decides to flush by comparing addresses only, so remapping a page with new permissions "
+        "(or a first mapping of mfn 0) is not flushed (fixed by 1a7ffe466c, XSA-275)"
+    ),
+    "amd-pv-no-map-flush": "AMD never flushes a PV domain's map (fixed by 1a7ffe466c)",
+    "amd-no-iotlb-flush-op": (
+        "AMD has no iotlb_flush ops at the seed, so batched (dont-flush) callers get no flush at all "
+        "(ops added by cbe21fd047)"
+    ),
+    "amd-unmap-grows-tree": "AMD unmap walks with allocation and can grow the tree (fixed by ad591454f0)",
+    "amd-cmd-ring-drop": "a full AMD command ring silently drops the command (Xen at N waits instead)",
+    "amd-iotlb-s-bit-zero": "INVALIDATE_IOTLB_PAGES never carries S=1 (the shift/mask mix-up, still at N)",
+    "amd-split-rw-children": "splitting an AMD superpage gives every child IR=IW=1 (fixed by b8238afd07)",
+    "amd-merge": "the seed's 512-event superpage merge counter in AMD PDEs (removed by 5c08550ff4)",
+    "vtd-flush-rc-overwritten": (
+        "VT-d keeps only the last unit's flush result, so an earlier unit's failure is lost "
+        "(fixed by e7059776f9)"
+    ),
+    "arm-p2m-no-smmu-flush": (
+        "after the need_iommu split, ARM's p2m flush hook tests need_iommu_pt_sync, which is never true "
+        "with shared tables, so the SMMU TLB is not flushed after p2m changes (fixed by 9ed527dc95)"
+    ),
+}
+
+
+def check_quirks(names: frozenset[str] | set[str]) -> frozenset[str]:
+    unknown = sorted(set(names) - set(QUIRKS))
+    if unknown:
+        raise InvalidArgument(f"unknown quirk(s): {', '.join(unknown)}; known: {', '.join(sorted(QUIRKS))}")
+    return frozenset(names)
