@@ -11,16 +11,19 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
 from iommusim.errors import InvalidArgument, NoDevice
+from iommusim.frames import Gfn, Mfn
 from iommusim.hw.base import DmaRemapper
 from iommusim.iommu.config import IommuConfig
 from iommusim.iommu.layer import Iommu, ProgressFn
 from iommusim.iommu.ops import IommuOps
 from iommusim.machine.domain import Domain, DomainKind
 from iommusim.machine.machine import Machine
+from iommusim.machine.p2m import P2mType
 from iommusim.machine.pci import PciDevice
 
 __all__ = ["VENDORS", "HardwareSpec", "Platform", "available_vendors", "build_platform"]
@@ -54,16 +57,21 @@ class Platform:
     ops: IommuOps
     units: list[DmaRemapper]
     spec: HardwareSpec
+    #: What a hardware domain is on this architecture: PV on x86, direct-mapped and translated on ARM.
+    hwdom_kind: DomainKind = DomainKind.PV
+    hwdom_direct_mapped: bool = False
 
     def create_hardware_domain(
         self,
         memory_bytes: int,
         *,
-        kind: DomainKind = DomainKind.PV,
-        direct_mapped: bool = False,
+        kind: DomainKind | None = None,
+        direct_mapped: bool | None = None,
         progress: ProgressFn | None = None,
     ) -> Domain:
         """Domain 0: owns every device at boot; its IOMMU view is set up by hwdom_init."""
+        kind = self.hwdom_kind if kind is None else kind
+        direct_mapped = self.hwdom_direct_mapped if direct_mapped is None else direct_mapped
         d = self.machine.create_domain(
             0, kind, memory_bytes=memory_bytes, hardware=True, direct_mapped=direct_mapped, name="d0"
         )
@@ -91,6 +99,32 @@ class Platform:
 
     def device(self, name: str) -> PciDevice:
         return self.machine.pci.get(name)
+
+    # -- a guest's memory changes, the way the hypervisor makes them (through the p2m) -----------------
+
+    def guest_map(
+        self, d: Domain, gfn: Gfn, mfn: Mfn, *, order: int = 0, type: P2mType = P2mType.RAM_RW, flush: bool = True
+    ) -> None:
+        """Change the guest's p2m; its IOMMU view follows (synced on x86, shared on ARM).
+
+        ``flush=False`` runs the change inside ``dont_flush``: the IOMMU flush it would trigger is skipped,
+        which opens a stale window until ``Iommu.iotlb_flush`` covers it.
+        """
+        if d.p2m is None:
+            raise InvalidArgument(f"{d} is not translated: it has no p2m")
+        with nullcontext() if flush else self.iommu.dont_flush():
+            d.p2m.set_entry(gfn, mfn, order, type)
+
+    def guest_unmap(self, d: Domain, gfn: Gfn, *, order: int = 0, flush: bool = True) -> None:
+        """Remove ``2**order`` frames from the guest's p2m (see ``guest_map`` for ``flush``)."""
+        if d.p2m is None:
+            raise InvalidArgument(f"{d} is not translated: it has no p2m")
+        with nullcontext() if flush else self.iommu.dont_flush():
+            d.p2m.remove(gfn, order)
+
+    def counters(self) -> dict[str, dict[str, int]]:
+        """Every hardware unit's counters, by unit name."""
+        return {u.name: dict(u.counters()) for u in self.units}
 
 
 Builder = Callable[[HardwareSpec, IommuConfig, Sequence[PciDevice]], Platform]

@@ -31,8 +31,7 @@ QUIRKS: dict[str, str] = {
     "amd-split-rw-children": "splitting an AMD superpage gives every child IR=IW=1 (fixed by b8238afd07)",
     "amd-merge": "the seed's 512-event superpage merge counter in AMD PDEs (removed by 5c08550ff4)",
     "vtd-flush-rc-overwritten": (
-        "VT-d keeps only the last unit's flush result, so an earlier unit's failure is lost "
-        "(fixed by e7059776f9)"
+        "VT-d keeps only the last unit's flush result, so an earlier unit's failure is lost (fixed by e7059776f9)"
     ),
     "arm-p2m-no-smmu-flush": (
         "after the need_iommu split, ARM's p2m flush hook tests need_iommu_pt_sync, which is never true "

@@ -84,9 +84,7 @@ class Iommu:
 
                 raise HypervisorBug("IOMMU required (iommu=force) but it could not be enabled")
             self.config = _replace(cfg, snoop=False, hwdom_passthrough=False, hwdom_strict=False, intremap=False)
-        mode = (
-            "Passthrough" if self.config.hwdom_passthrough else "Strict" if self.config.hwdom_strict else "Relaxed"
-        )
+        mode = "Passthrough" if self.config.hwdom_passthrough else "Strict" if self.config.hwdom_strict else "Relaxed"
         self.console.printk(LogLevel.INFO, f"I/O virtualisation {'enabled' if self.enabled else 'disabled'}")
         if self.enabled:
             self.console.printk(LogLevel.INFO, f" - Dom0 mode: {mode}")
@@ -216,9 +214,7 @@ class Iommu:
             ops.iotlb_flush(d, dfn, count, flags)
         except IommuError as exc:
             exc.with_context(op="iotlb_flush", domain=d)
-            self._fail(
-                d, exc, f"d{d.domid}: IOMMU IOTLB flush of dfn {dfn.xen()}, {count} page(s), failed"
-            )
+            self._fail(d, exc, f"d{d.domid}: IOMMU IOTLB flush of dfn {dfn.xen()}, {count} page(s), failed")
             raise
 
     def iotlb_flush_all(self, d: Domain) -> None:
@@ -496,4 +492,3 @@ def _replace(cfg: IommuConfig, **changes: object) -> IommuConfig:
     from dataclasses import replace
 
     return replace(cfg, **changes)  # type: ignore[arg-type]
-
