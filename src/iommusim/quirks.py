@@ -29,7 +29,10 @@ QUIRKS: dict[str, str] = {
     "amd-cmd-ring-drop": "a full AMD command ring silently drops the command (Xen at N waits instead)",
     "amd-iotlb-s-bit-zero": "INVALIDATE_IOTLB_PAGES never carries S=1 (the shift/mask mix-up, still at N)",
     "amd-split-rw-children": "splitting an AMD superpage gives every child IR=IW=1 (fixed by b8238afd07)",
-    "amd-merge": "the seed's 512-event superpage merge counter in AMD PDEs (removed by 5c08550ff4)",
+    "amd-merge-counter": (
+        "merge by the seed's 512-event counter in AMD PDEs instead of checking the table is really full, "
+        "contiguous and uniform (the counter is not an occupancy check; merging removed by 5c08550ff4)"
+    ),
     "vtd-flush-rc-overwritten": (
         "VT-d keeps only the last unit's flush result, so an earlier unit's failure is lost (fixed by e7059776f9)"
     ),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from iommusim.console import Console, SimClock
@@ -11,7 +13,7 @@ from iommusim.machine.allocator import PageAllocator
 from iommusim.machine.dma import DmaEngine
 from iommusim.machine.domain import Domain, DomainKind, DomainState, Extent
 from iommusim.machine.memory import MachineMemory
-from iommusim.machine.p2m import DictP2m, P2mType
+from iommusim.machine.p2m import DictP2m, P2m, P2mType
 from iommusim.machine.pages import E820Entry, E820Map, E820Type, PageTable
 from iommusim.machine.pci import PciBus, PciDevice
 
@@ -40,6 +42,8 @@ class Machine:
         self.pci = PciBus()
         self.dma = DmaEngine(self.memory)
         self.domains: dict[int, Domain] = {}
+        #: Makes the p2m of every translated domain: a dictionary on x86; ARM installs its stage-2 tables.
+        self.p2m_factory: Callable[[Domain], P2m] = lambda _d: DictP2m()
 
     @property
     def ram_frames(self) -> int:
@@ -65,7 +69,7 @@ class Machine:
             raise AlreadyExists("there is already a hardware domain")
         d = Domain(domid, kind, is_hardware=hardware, direct_mapped=direct_mapped, hap=hap, name=name)
         if kind == DomainKind.HVM:
-            d.p2m = DictP2m()
+            d.p2m = self.p2m_factory(d)
         self.domains[domid] = d
         if memory_bytes:
             self.populate(d, memory_bytes >> PAGE_SHIFT)
