@@ -166,8 +166,11 @@ def with_pde_counter(raw: int, count: int) -> int:
     return (raw & ~(_COUNTER_HIGH | _COUNTER_LOW)) | ((count & 0x100) << 55) | ((count & 0xFF) << 1)
 
 
+_PERMS = (Perm.NONE, Perm.R, Perm.W, Perm.RW)
+
+
 def _perms(raw: int) -> Perm:
-    return Perm((raw >> 61) & 3)
+    return _PERMS[(raw >> 61) & 3]
 
 
 class AmdV1Format(PageTableFormat):
@@ -198,7 +201,7 @@ class AmdV1Format(PageTableFormat):
 
     def leaf_bits(self, perms: Perm, level: int, attrs: object | None = None) -> int:
         """A default-size leaf (NextLevel 0) with FC set, as Xen writes every leaf."""
-        return PR | FC | (IR if perms & Perm.R else 0) | (IW if perms & Perm.W else 0)
+        return PR | FC | ((int(perms) & 3) << 61)
 
     def sized_leaf(self, maddr: int, page_shift: int, perms: Perm, *, fc: bool = True) -> int:
         """A NextLevel-7 leaf for a page of 2**page_shift bytes (Xen never writes these; Linux does)."""
@@ -215,18 +218,18 @@ class AmdV1Format(PageTableFormat):
     def decode(self, raw: int, level: int) -> Decoded:
         if not raw & PR:
             return Decoded(EntryKind.EMPTY, raw, level)
+        nl = (raw >> NEXT_LEVEL_SHIFT) & 7
+        perms = _PERMS[(raw >> 61) & 3]
+        if NL_LEAF < nl < NL_SIZED and nl < level and not raw & PDE_RESERVED:  # the common pointer, first
+            return Decoded(EntryKind.TABLE, raw, level, raw & ADDR_MASK, perms, next_level=nl)
         problem = entry_problem(raw, level)
         if problem is not None:
-            return Decoded(EntryKind.MALFORMED, raw, level, perms=_perms(raw), problem=problem.value)
-        nl = next_level_of(raw)
-        perms = _perms(raw)
+            return Decoded(EntryKind.MALFORMED, raw, level, perms=perms, problem=problem.value)
         if nl == NL_LEAF:
             return Decoded(EntryKind.LEAF, raw, level, raw & ADDR_MASK, perms, page_shift=level_shift(level))
-        if nl == NL_SIZED:
-            shift = sized_page_shift(raw)
-            base = raw & ADDR_MASK & ~((1 << shift) - 1)
-            return Decoded(EntryKind.LEAF, raw, level, base, perms, page_shift=shift)
-        return Decoded(EntryKind.TABLE, raw, level, raw & ADDR_MASK, perms, next_level=nl)
+        shift = sized_page_shift(raw)
+        base = raw & ADDR_MASK & ~((1 << shift) - 1)
+        return Decoded(EntryKind.LEAF, raw, level, base, perms, page_shift=shift)
 
     # -- vectorised views -------------------------------------------------------------------------
 

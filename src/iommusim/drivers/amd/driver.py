@@ -44,7 +44,7 @@ from iommusim.iommu.devices import move_device
 from iommusim.iommu.ops import ReservedMemoryCallback
 from iommusim.machine.pci import PciDevice, PciDevType
 from iommusim.pagetable.amd import ADDR_MASK, NEXT_LEVEL_MASK, NEXT_LEVEL_SHIFT, PR, AmdV1Format
-from iommusim.pagetable.format import level_shift
+from iommusim.pagetable.format import EntryKind, level_shift
 from iommusim.pagetable.radix import RadixTable
 from iommusim.pagetable.walk import Mapping, mappings
 from iommusim.perms import FlushFlags, Perm
@@ -113,6 +113,7 @@ class AmdIommuDriver:
         self.units: list[UnitHandle] = []
         self.handlers: list[EventLogHandler] = []
         self.devtab: DeviceTable | None = None
+        self._quirks: frozenset[str] = frozenset()
 
     # ================================================================================================
     # plumbing
@@ -125,7 +126,7 @@ class AmdIommuDriver:
         return self._iommu
 
     def _quirk(self, name: str) -> bool:
-        return self.iommu.config.quirk(name)
+        return name in self._quirks
 
     def requestor_id(self, bdf: int) -> int:
         """Xen's get_dma_requestor_id: the IVRS alias of a device id, if it has one."""
@@ -165,6 +166,7 @@ class AmdIommuDriver:
         """Find the IOMMUs firmware described, give them their tables and rings, and turn them on."""
         self._iommu = iommu
         cfg = iommu.config
+        self._quirks = frozenset(q for q in cfg.quirks if q.startswith("amd-"))
         self.fmt = AmdV1Format(split_children_rw=cfg.quirk("amd-split-rw-children"))
         provided = set(_BASE_PROVIDED)
         if cfg.quirk("amd-no-iotlb-flush-op"):
@@ -390,22 +392,35 @@ class AmdIommuDriver:
         )
 
     def _merge_up(self, st: AmdDomain, dfn: int) -> list[Mfn]:
-        """Replace every full, contiguous, uniform table above ``dfn`` by a leaf; the unhooked tables."""
+        """Replace every full, contiguous, uniform table above ``dfn`` by a leaf; the unhooked tables.
+
+        Climbs from level 2: a table that can merge becomes a leaf, a leaf already there lets the climb go
+        on to the level above, anything else ends it.
+        """
         mem = self.iommu.machine.memory
         table = st.table
         freed: list[Mfn] = []
+        if not self._allowed_merge_level(2, st):
+            return freed
+        l1 = table.table_for(dfn, 1)
+        if l1 is not None and not (mem.load_word(l1.value, 511) & mem.load_word(l1.value, 0) & PR):
+            return freed  # the usual case: a level-1 table that is not full yet
         level = 2
         while self._allowed_merge_level(level, st):
-            child = table.table_for(dfn, level - 1)
-            if child is None:
+            holder = table.table_for(dfn, level)
+            if holder is None:
                 break
-            found = mergeable(mem, child.value, level - 1)
-            if found is None:
+            index = (dfn >> (9 * (level - 1))) & 511
+            entry = self.fmt.decode(mem.load_word(holder.value, index), level)
+            if entry.kind == EntryKind.TABLE and entry.next_level == level - 1:
+                found = mergeable(mem, entry.address >> PAGE_SHIFT, level - 1)
+                if found is None:
+                    break
+                base, attrs = found
+                mem.store_word(holder.value, index, base | attrs)
+                freed.append(Mfn(entry.address >> PAGE_SHIFT))
+            elif entry.kind != EntryKind.LEAF:
                 break
-            base, attrs = found
-            t, i = table.entry_slot(dfn, level)
-            mem.store_word(t, i, base | attrs)
-            freed.append(child)
             level += 1
         return freed
 
@@ -458,15 +473,15 @@ class AmdIommuDriver:
                 err = BadAddress("no memory for an I/O page table", op="map_page", domain=d, frame=dfn)
                 raise self._fail(d, err, f"invalid IO pagetable entry dfn {dfn.value:#x}") from None
             old = change.old
-            flags = FlushFlags(change.flush & 3)
+            flags = change.flush & 3
             address_changed = (old & ADDR_MASK) != (raw & ADDR_MASK)
             if self._quirk("amd-remap-perm-no-flush"):
                 need_flush = address_changed
-                flags &= ~FlushFlags.MODIFIED
+                flags &= ~2
                 if address_changed and old & PR:
-                    flags |= FlushFlags.MODIFIED
+                    flags |= 2
             else:
-                need_flush = bool(flags & FlushFlags.MODIFIED)
+                need_flush = bool(flags & 2)
             merged: list[Mfn] = []
             if counter:
                 if address_changed:
@@ -475,7 +490,9 @@ class AmdIommuDriver:
                 merged = self._merge_up(st, dfn.value)
         if need_flush and self._implicit_flush_allowed() and not (d.is_pv and self._quirk("amd-pv-no-map-flush")):
             self.flush_pages(d, dfn.value, 0)
-        return flags | self._after_structure_change(d, st, merged, bool(change.split))
+        if merged or change.split:
+            return FlushFlags(flags) | self._after_structure_change(d, st, merged, bool(change.split))
+        return FlushFlags(flags)
 
     def unmap_page(self, d: Domain, dfn: Dfn) -> FlushFlags:
         """Xen's amd_iommu_unmap_page: clear the 4 KiB entry and flush it."""
@@ -537,7 +554,11 @@ class AmdIommuDriver:
         return Mfn((leaf.address >> PAGE_SHIFT) + offset), leaf.perms
 
     def map_range(self, d: Domain, dfn: Dfn, mfn: Mfn, count: int, perms: Perm) -> FlushFlags:
-        """Bulk map: 4 KiB leaves written a table at a time, then the same merges map_page would make."""
+        """Bulk map, leaving the tables exactly as mapping page by page (with its merges) would.
+
+        Whole aligned blocks are written directly as the superpages merging would have made of them; only
+        the blocks at either end, which may combine with what was mapped before, go through the merge.
+        """
         expect_kind(Dfn, dfn, "dfn")
         expect_kind(Mfn, mfn, "mfn")
         if count <= 0:
@@ -548,23 +569,27 @@ class AmdIommuDriver:
         last = dfn.value + count - 1
         with d.iommu.mapping_lock:
             made_root, undo = self._prepare(d, st, last, "map_range")
-            try:
-                change = st.table.map_range(
-                    dfn.value, mfn.value << PAGE_SHIFT, count, {1: self.fmt.leaf_bits(perms, 1)}
+            bits = {1: self.fmt.leaf_bits(perms, 1)}
+            if not self._quirk("amd-merge-counter"):
+                bits.update(
+                    {lv: self.fmt.leaf_bits(perms, lv) for lv in range(2, 7) if self._allowed_merge_level(lv, st)}
                 )
+            try:
+                change = st.table.map_range(dfn.value, mfn.value << PAGE_SHIFT, count, bits)
             except OutOfMemory:
                 if undo is not None:
                     undo()
                 self._drop_root(st, made_root)
                 err = BadAddress("no memory for I/O page tables", op="map_range", domain=d, frame=dfn)
                 raise self._fail(d, err, f"invalid IO pagetable entry dfn {dfn.value:#x}") from None
-            merged: list[Mfn] = []
+            unhooked = [Mfn(f) for f in change.freed_tables]
             if change.flush:
-                for block in range(dfn.value & ~511, last + 1, 512):
-                    merged += self._merge_up(st, block)
+                unhooked += self._merge_up(st, dfn.value)
+                if last >> 9 != dfn.value >> 9:
+                    unhooked += self._merge_up(st, last)
         flags = FlushFlags(change.flush & 3)
-        if merged or change.split:
-            st.pending_free.extend(merged)
+        if unhooked or change.split:
+            st.pending_free.extend(unhooked)
             flags |= FlushFlags.MODIFIED | FlushFlags.ALL
         return flags
 

@@ -25,6 +25,8 @@ _IDX = np.arange(512, dtype=np.uint64)
 
 def mergeable(memory: MachineMemory, table: int, table_level: int) -> tuple[int, int] | None:
     """(base address, attribute bits) of the leaf that can replace the table at ``table_level``, or None."""
+    if not memory.load_word(table, 511) & PR or not memory.load_word(table, 0) & PR:
+        return None  # the cheap refusal first: tables usually fill from one end
     words = memory.peek_words(table)
     if not np.all(words & np.uint64(PR)):
         return None

@@ -45,7 +45,7 @@ from iommusim.machine.pci import PciDevice, Sbdf
 from iommusim.perms import Perm
 from iommusim.platform import HardwareSpec, Platform
 
-__all__ = ["build"]
+__all__ = ["assemble", "build"]
 
 _MMIO_BASE = 0xFEB8_0000
 
@@ -84,6 +84,14 @@ def _ivmds(entries: Sequence[Mapping[str, Any]], aliases: Mapping[int, int]) -> 
 
 
 def build(spec: HardwareSpec, config: IommuConfig, devices: Sequence[PciDevice]) -> Platform:
+    """The platform, with the IOMMU brought up (``Iommu.setup``)."""
+    platform = assemble(spec, config, devices)
+    platform.iommu.setup()
+    return platform
+
+
+def assemble(spec: HardwareSpec, config: IommuConfig, devices: Sequence[PciDevice]) -> Platform:
+    """Everything wired up, but the IOMMU not yet set up (tests inject failures in between)."""
     extra = dict(spec.extra)
     if spec.units < 1:
         raise InvalidArgument("an AMD machine needs at least one IOMMU")
@@ -127,7 +135,6 @@ def build(spec: HardwareSpec, config: IommuConfig, devices: Sequence[PciDevice])
         event_entries=int(extra.get("event_entries", EVENT_ENTRIES_DEFAULT)),
     )
     iommu = Iommu(machine, driver, config)
-    iommu.setup()
     return Platform(
         "amd", machine, iommu, driver, list(hw_units), spec, hwdom_kind=DomainKind.PV, hwdom_direct_mapped=False
     )

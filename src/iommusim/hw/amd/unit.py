@@ -49,11 +49,44 @@ from iommusim.hw.mmio import Register, RegisterBlock
 from iommusim.machine.memory import MachineMemory
 from iommusim.perms import Perm
 
-__all__ = ["AmdIommu"]
+__all__ = ["COUNTER_NAMES", "AmdIommu"]
 
 #: Every page size a v1 table can express: 4 KiB leaves up to the 2**52-byte NextLevel-7 ceiling.
 _PAGE_SHIFTS = tuple(range(12, 53))
 _WHOLE_SPACE = 1 << 64
+#: Counters every unit reports, zero until something happens.
+COUNTER_NAMES = (
+    "translations",
+    "iotlb_hits",
+    "iotlb_misses",
+    "iotlb_evictions",
+    "walks",
+    "walk_reads",
+    "dte_cache_hits",
+    "dte_cache_misses",
+    "passthrough",
+    "untranslated",
+    "faults",
+    "events",
+    "events_logged",
+    "events_dropped",
+    "events_suppressed",
+    "event_overflows",
+    "interrupts",
+    "commands",
+    "cmd_completion_wait",
+    "cmd_inv_devtab_entry",
+    "cmd_inv_pages_page",
+    "cmd_inv_pages_range",
+    "cmd_inv_pages_domain",
+    "cmd_inv_pages_pde",
+    "cmd_inv_iotlb_pages",
+    "cmd_inv_int_table",
+    "cmd_inv_iommu_all",
+    "cmd_illegal",
+    "atc_hits",
+    "atc_misses",
+)
 
 
 class _Registers(RegisterBlock):
@@ -87,7 +120,7 @@ class AmdIommu:
         self.memory = memory
         self.paging_levels = paging_levels
         self.ia_sup = ia_sup
-        self.stats: Counter[str] = Counter()
+        self.stats: Counter[str] = Counter(dict.fromkeys(COUNTER_NAMES, 0))
         self.iotlb = Iotlb(iotlb_entries, page_shifts=_PAGE_SHIFTS, counters=self.stats)
         self.dte_cache: LruCache[int, tuple[int, int, int, int]] = LruCache(dte_cache_entries, self.stats, "dte_cache")
         self.atc_entries = atc_entries
