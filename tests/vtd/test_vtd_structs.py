@@ -128,7 +128,8 @@ def test_cap_golden() -> None:
     cap = Cap(nd=2, sagaw=0b00110, mgaw=48, fro=0x200, sllps=0b11, psi=True, nfr=8, mamv=9, dwd=True, drd=True)
     assert cap.encode() == 0x00C9_078C_202F_0602
     assert Cap.decode(0x00C9_078C_202F_0602) == cap
-    assert cap.domains == 256 and cap.superpage_levels == frozenset({2, 3})
+    assert cap.domains == 256
+    assert cap.superpage_levels == frozenset({2, 3})
     # CM is bit 7 and RWBF bit 4
     assert Cap(cm=True, rwbf=True, fro=0x200).encode() & 0x90 == 0x90
 

@@ -7,7 +7,7 @@ from vtd_rig import FRO, Rig
 
 from iommusim.errors import DmaFault
 from iommusim.hw.vtd.regs import FECTL_IM, FECTL_IP, FSTS, Cap, Ecap, Reg
-from iommusim.hw.vtd.structs import FaultReason, FaultRecord
+from iommusim.hw.vtd.structs import FaultRecord
 from iommusim.perms import Perm
 
 SID = 0x0300  # 03:00.0
@@ -196,7 +196,8 @@ def test_fault_ring_overflows() -> None:
     for i in range(4):
         _fault(r, i << 12, Perm.R)
     fsts = r.regs.read(Reg.FSTS, 4)
-    assert fsts & FSTS.PPF and not fsts & FSTS.PFO
+    assert fsts & FSTS.PPF
+    assert not fsts & FSTS.PFO
     assert fsts >> 8 & 0xFF == 0  # FRI: the first pending record
     assert [_recorded(r, i).addr for i in range(4)] == [0, 0x1000, 0x2000, 0x3000]
     _fault(r, 0x4000, Perm.R)  # the next register still holds a fault: overflow, the fault is lost
@@ -220,9 +221,11 @@ def test_fault_interrupt_masking() -> None:
     r.unit.fault_irq.connect(lambda: calls.append(r.regs.read(Reg.FSTS, 4)))
     assert r.regs.read(Reg.FECTL, 4) & FECTL_IM  # masked out of reset
     _fault(r, 0, Perm.R)
-    assert calls == [] and r.regs.read(Reg.FECTL, 4) & FECTL_IP
+    assert calls == []
+    assert r.regs.read(Reg.FECTL, 4) & FECTL_IP
     r.regs.write(Reg.FECTL, 0, 4)  # unmasking delivers the pending interrupt
-    assert len(calls) == 1 and calls[0] & FSTS.PPF
+    assert len(calls) == 1
+    assert calls[0] & FSTS.PPF
     assert not r.regs.read(Reg.FECTL, 4) & FECTL_IP
     _fault(r, 0x1000, Perm.R)  # PPF was still set: no new interrupt
     assert len(calls) == 1

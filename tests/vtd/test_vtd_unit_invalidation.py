@@ -88,7 +88,7 @@ def test_bad_descriptor_stops_the_queue_with_iqe() -> None:
 
 def test_context_cache_by_granularity() -> None:
     """A context entry changed in memory keeps being used until a context invalidation covers it."""
-    r, pa, pb = _two_domains()
+    r, pa, _pb = _two_domains()
     r.enable_qi()
     target = r.page()
     r.map(pa, 0x1000, target, Perm.RW)
@@ -150,7 +150,8 @@ def test_iotlb_page_selective() -> None:
     assert _stale(r, B, 0x1000)
     r.submit(IotlbInvDesc(3, did=DA, addr=0x1000).encode())
     assert not _stale(r, A, 0x1000)
-    assert _stale(r, B, 0x1000) and _stale(r, A, 0x2000)
+    assert _stale(r, B, 0x1000)
+    assert _stale(r, A, 0x2000)
 
 
 def test_iotlb_address_mask_covers_an_aligned_block() -> None:
@@ -245,7 +246,8 @@ def test_register_based_invalidation() -> None:
     r.regs.write(IRO, 0x2000, 8)
     r.regs.write(iotlb, IOTLB_REG.IVT | 3 << 60 | DA << 32, 8)
     v = r.regs.read(iotlb, 8)
-    assert not v & IOTLB_REG.IVT and v >> 57 & 3 == 3
+    assert not v & IOTLB_REG.IVT
+    assert v >> 57 & 3 == 3
     assert _stale(r, A, 0x1000)
     r.regs.write(IRO, 0x1000, 8)
     r.regs.write(iotlb, IOTLB_REG.IVT | 3 << 60 | DA << 32, 8)
@@ -253,7 +255,8 @@ def test_register_based_invalidation() -> None:
     # context command: global (CIRG=1) reports CAIG=1
     r.regs.write(Reg.CCMD, CCMD.ICC | 1 << 61, 8)
     v = r.regs.read(Reg.CCMD, 8)
-    assert not v & CCMD.ICC and v >> 59 & 3 == 1
+    assert not v & CCMD.ICC
+    assert v >> 59 & 3 == 1
     assert IVA.IH == 0x40
 
 
@@ -291,6 +294,6 @@ def test_iotlb_lru_capacity() -> None:
 
 
 def test_context_entry_encoding_read_back() -> None:
-    r, pa, _ = _two_domains()
+    r, _pa, _ = _two_domains()
     lo, hi = r.mem.read_u64(r.ctx_tables[3]), r.mem.read_u64(r.ctx_tables[3] + 8)
     assert ContextEntry.decode(lo, hi).did == DA
