@@ -97,9 +97,12 @@ def fault_of(p: Platform, dev: str, daddr: int, *, write: bool = False) -> Fault
         else:
             p.machine.dma.read(d, Daddr(daddr), 1)
     except DmaFault as exc:
-        assert isinstance(exc.record, FaultRecord)
-        return exc.record
-    raise AssertionError(f"DMA of {dev} at {daddr:#x} was not refused")
+        record = exc.record
+    else:
+        raise AssertionError(f"DMA of {dev} at {daddr:#x} was not refused")
+    if not isinstance(record, FaultRecord):
+        raise AssertionError(f"the fault carries no VT-d fault record: {record!r}")
+    return record
 
 
 def unit(p: Platform, i: int = 0) -> VtdUnit:
