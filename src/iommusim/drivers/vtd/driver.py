@@ -126,6 +126,13 @@ class VtdDriver:
                 frame=dfn,
             )
 
+    def _page_dfn(self, st: VtdDomain, d: Domain, dfn: Dfn) -> Dfn:
+        """The dfn a per-page op works on: refused beyond the width, or (seed quirk) masked into it."""
+        if self.require_iommu().config.quirk("vtd-dfn-truncated"):
+            return Dfn(dfn.value & (st.dfn_limit - 1))
+        self._check_width(st, d, dfn)
+        return dfn
+
     def _leaf(self, mfn: Mfn, perms: Perm, level: int = 1) -> int:
         return (mfn.value << PAGE_SHIFT) | self.fmt.leaf_bits(perms, level, self.snoop if perms else None)
 
@@ -263,7 +270,7 @@ class VtdDriver:
         if self.uses_shared_tables(d) or self.is_passthrough_hwdom(d):
             return FlushFlags.NONE
         st = self.state(d)
-        self._check_width(st, d, dfn)
+        dfn = self._page_dfn(st, d, dfn)
         new = self._leaf(mfn, perms)
         with d.iommu.mapping_lock:
             change = st.table.set_leaf(dfn.value, new)
@@ -282,7 +289,7 @@ class VtdDriver:
         if self.uses_shared_tables(d) or self.is_passthrough_hwdom(d):
             return FlushFlags.NONE
         st = self.state(d)
-        self._check_width(st, d, dfn)
+        dfn = self._page_dfn(st, d, dfn)
         with d.iommu.mapping_lock:
             if st.table.lookup(dfn.value) is None:
                 return FlushFlags.NONE
@@ -298,9 +305,12 @@ class VtdDriver:
         if self.uses_shared_tables(d) or self.is_passthrough_hwdom(d):
             raise NotSupported(f"d{d.domid} has no VT-d tables of its own", domain=d)
         st = self.state(d)
-        self._check_width(st, d, dfn)
+        dfn = self._page_dfn(st, d, dfn)
         with d.iommu.mapping_lock:
             leaf = st.table.lookup(dfn.value)
+            no_leaf_table = leaf is None and st.table.table_for(dfn.value, 1) is None
+        if leaf is None and no_leaf_table and self.require_iommu().config.quirk("vtd-lookup-enomem"):
+            raise OutOfMemory(f"dfn {dfn.xen()} has no leaf table", domain=d, frame=dfn)
         if leaf is None:
             raise NoSuchEntry(f"dfn {dfn.xen()} is not mapped", domain=d, frame=dfn)
         offset = dfn.value & ((1 << (leaf.page_shift - PAGE_SHIFT)) - 1)
