@@ -300,3 +300,24 @@ def test_strict_and_passthrough_resolve_at_setup() -> None:
     io.setup()
     assert io.config.hwdom_strict and not io.config.hwdom_passthrough
     assert m.console.grep("Dom0 mode: Strict")
+
+
+@pytest.mark.parametrize("who", ["guest", "hwdom"])
+def test_map_page_allocation_failure_at_each_point(who: str) -> None:
+    e = make_env()
+    d = e.guest if who == "guest" else e.hwdom
+    e.io.map_page(d, Dfn(0x10), Mfn(0x20), Perm.RW)
+    before_map = e.io.dump_page_tables(d)
+    before_pages = dict(e.m.allocator.in_use)
+    # dfn 1 << 27 needs a new level-3, level-2 and level-1 table: three allocation points
+    for n in (1, 2, 3):
+        e.m.allocator.fail_nth(n)
+        with pytest.raises(OutOfMemory):
+            e.io.map_page(d, Dfn(1 << 27), Mfn(0x30), Perm.RW)
+        assert e.io.dump_page_tables(d) == before_map
+        assert dict(e.m.allocator.in_use) == before_pages
+        assert d.crashed == (who == "guest")
+    e.m.allocator.fail_nth(4)
+    e.io.map_page(d, Dfn(1 << 27), Mfn(0x30), Perm.RW)
+    e.m.allocator.clear_failures()
+    assert e.io.lookup_page(d, Dfn(1 << 27)) == (Mfn(0x30), Perm.RW)
