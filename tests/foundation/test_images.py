@@ -6,8 +6,8 @@ import struct
 from pathlib import Path
 
 import pytest
-from doubles import ToyFormat
 
+from doubles import ToyFormat
 from iommusim.images import ElfImage, ImageError, RawImage, open_image, write_elf, write_raw
 from iommusim.machine import Machine
 from iommusim.pagetable.radix import RadixTable
