@@ -147,3 +147,11 @@ def test_encode_decode_leaf(addr: int, perms: Perm, snoop: bool) -> None:
     page = addr << 12
     d = FMT.decode(page | FMT.leaf_bits(perms, 1, snoop), 1)
     assert (d.kind, d.address, d.perms) == (EntryKind.LEAF, page, perms)
+
+
+@settings(max_examples=60, deadline=None)
+@given(word=_words, level=st.integers(1, 5))
+def test_fast_table_check_agrees_with_decode(word: int, level: int) -> None:
+    assert FMT.is_table(word, level) == (FMT.decode(word, level).kind == EntryKind.TABLE)
+    table = FMT.table_entry(word & 0xF_FFFF_F000, level)
+    assert FMT.is_table(table, level) == (level > 1)

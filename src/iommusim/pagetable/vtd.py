@@ -132,6 +132,10 @@ class VtdSecondLevelFormat(PageTableFormat):
             return Decoded(EntryKind.MALFORMED, raw, level, problem=f"reserved bits {bad:#x} set in a table entry")
         return Decoded(EntryKind.TABLE, raw, level, addr, perms, next_level=level - 1)
 
+    def is_table(self, raw: int, level: int) -> bool:
+        """A present, well-formed entry above level 1 without SP (the software walk's fast path)."""
+        return level > 1 and bool(raw & _RW) and not raw & VTD_SP and not raw & self._table_rsvd
+
     # -- vectorised forms -------------------------------------------------------------------------
 
     def present_array(self, words: U64Array) -> npt.NDArray[np.bool_]:
