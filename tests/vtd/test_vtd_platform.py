@@ -49,7 +49,7 @@ def test_demo_flow() -> None:
     with pytest.raises(DmaFault):
         m.dma.write(nic, Daddr(0x4000_0000), b"x")  # far outside the guest
     counters = p.counters()["vtd0"]
-    for key in ("iotlb_hits", "iotlb_misses", "walks", "inv_iotlb_page", "inv_iotlb_domain", "faults"):
+    for key in ("iotlb_hits", "iotlb_misses", "walks", "iotlb_inv_page", "iotlb_inv_domain", "faults"):
         assert counters[key] > 0, key
     assert counters["fault_0x5"] == 1
     assert counters["fault_0x6"] == 1

@@ -45,9 +45,9 @@ def test_page_selective() -> None:
     target = _stale_window(p, g)
     _unrelated(p, g, other)
     assert lands_at(p, NIC, 0x20 << 12) == target << 12
-    before = unit(p).counters()["inv_iotlb_page"]
+    before = unit(p).counters()["iotlb_inv_page"]
     p.iommu.iotlb_flush(g, Dfn(0x20), 1)
-    assert unit(p).counters()["inv_iotlb_page"] == before + 1
+    assert unit(p).counters()["iotlb_inv_page"] == before + 1
     assert lands_at(p, NIC, 0x20 << 12) == -1
     assert lands_at(p, NIC, 0x21 << 12) == gmfn(g, 0x21) << 12
 
@@ -57,9 +57,9 @@ def test_domain_selective() -> None:
     target = _stale_window(p, g)
     _unrelated(p, g, other)
     assert lands_at(p, NIC, 0x20 << 12) == target << 12
-    before = unit(p).counters()["inv_iotlb_domain"]
+    before = unit(p).counters()["iotlb_inv_domain"]
     p.iommu.iotlb_flush(g, Dfn(0x1F), 2)  # more than one page: domain-selective
-    assert unit(p).counters()["inv_iotlb_domain"] == before + 1
+    assert unit(p).counters()["iotlb_inv_domain"] == before + 1
     assert lands_at(p, NIC, 0x20 << 12) == -1
 
 
@@ -76,7 +76,7 @@ def test_global() -> None:
     target = _stale_window(p, g)
     _unrelated(p, g, other)
     assert lands_at(p, NIC, 0x20 << 12) == target << 12
-    before = unit(p).counters()["inv_iotlb_global"]
+    before = unit(p).counters()["iotlb_inv_global"]
     p.ops.units[0].flush_all()  # type: ignore[attr-defined]
-    assert unit(p).counters()["inv_iotlb_global"] == before + 1
+    assert unit(p).counters()["iotlb_inv_global"] == before + 1
     assert lands_at(p, NIC, 0x20 << 12) == -1

@@ -294,12 +294,10 @@ class VtdUnit:
             self.iotlb.invalidate_all()
             self.pde_cache.invalidate_all()
             self.negative.invalidate_all()
-            self.counters_["inv_iotlb_global"] += 1
         elif gran == IOTLB_REG.DOMAIN:
             self.iotlb.invalidate_tag(did)
             self.pde_cache.invalidate_domain(did)
             self.negative.invalidate(did)
-            self.counters_["inv_iotlb_domain"] += 1
         else:
             size = 1 << (PAGE_SHIFT + am)
             base = addr & ~(size - 1)
@@ -307,7 +305,6 @@ class VtdUnit:
             self.negative.invalidate(did, base, size)
             if not ih:
                 self.pde_cache.invalidate_range(did, base, size)
-            self.counters_["inv_iotlb_page"] += 1
         return gran
 
     # -- queued invalidation ---------------------------------------------------------------------------------
