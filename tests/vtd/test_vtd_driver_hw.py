@@ -12,6 +12,7 @@ from iommusim.frames import Daddr, Dfn, Gfn
 from iommusim.hw.vtd.regs import FECTL_IM, FSTS, GSTS, IOTLB_REG, Reg
 from iommusim.iommu.config import IommuConfig
 from iommusim.iommu.devices import FAULT_THRESHOLD
+from iommusim.perms import FlushFlags
 
 
 def test_setup_programs_the_unit() -> None:
@@ -143,3 +144,26 @@ def test_suspend_resume_and_crash_shutdown() -> None:
     assert not reaches(p, NIC, 0x5000)
     p.iommu.crash_shutdown()
     assert not unit(p).regs.read(Reg.GSTS, 4) & (GSTS.TES | GSTS.QIES)
+
+
+@pytest.mark.parametrize(("extra", "kind"), [({}, "iotlb_inv_page"), ({"psi": False}, "iotlb_inv_domain")])
+def test_one_page_flush_is_psi_unless_the_unit_lacks_it(extra: dict[str, bool], kind: str) -> None:
+    p = make(**extra)
+    boot(p)
+    g = guest_with(p)
+    before = dict(unit(p).counters())
+    p.iommu.unmap_page(g, Dfn(3))
+    after = unit(p).counters()
+    assert after[kind] == before.get(kind, 0) + 1
+    assert not reaches(p, NIC, 0x3000)
+
+
+def test_flush_flags_decide_the_non_present_shortcut() -> None:
+    p = make()
+    boot(p)
+    g = guest_with(p)
+    before = unit(p).counters()["qi_descriptors"]
+    p.iommu.iotlb_flush(g, Dfn(0x9000), 1, FlushFlags.ADDED)  # only additions: nothing can be cached
+    assert unit(p).counters()["qi_descriptors"] == before
+    p.iommu.iotlb_flush(g, Dfn(0x9000), 1, FlushFlags.MODIFIED)
+    assert unit(p).counters()["qi_descriptors"] == before + 2  # the PSI and its wait descriptor
