@@ -10,7 +10,6 @@ is the corrected behaviour and the seed behaviour is a quirk.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
 from functools import partial
 from typing import TYPE_CHECKING
 
@@ -574,12 +573,3 @@ class VtdDriver:
                 index = (index + 1) % unit.cap.nfr
         if fsts & FSTS.PFO:
             unit.write32(Reg.FSTS, FSTS.PFO)
-
-    # -- introspection for tools -------------------------------------------------------------------------------
-
-    def unit_for_device(self, dev: PciDevice) -> IommuUnit:
-        return self.unit_of(dev)
-
-    def on_each_unit(self, fn: Callable[[IommuUnit], None]) -> None:
-        for u in self.units:
-            fn(u)

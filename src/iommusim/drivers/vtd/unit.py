@@ -216,9 +216,10 @@ class IommuUnit:
         self.gcmd(GCMD.TE, GSTS.TES, False)
 
     def flush_write_buffer(self) -> None:
+        """Only units reporting RWBF need it; WBFS reads 1 until the flush is done."""
         if not self.cap.rwbf:
             return
-        self.gcmd(GCMD.WBF, GSTS.WBFS, False, one_shot=False)
+        self.gcmd(GCMD.WBF, GSTS.WBFS, False)
 
     # -- queued invalidation -----------------------------------------------------------------------------
 
@@ -236,8 +237,6 @@ class IommuUnit:
 
     def qi_submit(self, lo: int, hi: int, *, timeout_ms: int = _QI_TIMEOUT_MS) -> None:
         """Queue one descriptor and a wait descriptor behind it, and poll the wait's status slot."""
-        q = self.queue
-        assert q is not None
         self._qi_put(lo, hi)
         self.qi_wait(timeout_ms)
 
