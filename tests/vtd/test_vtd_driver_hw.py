@@ -106,6 +106,10 @@ def test_register_based_invalidation_without_qi() -> None:
     assert u.regs.read(0x108, 8) == 3 << 60 | 3 << 57 | 1 << 49 | 1 << 48 | did << 32
     assert not u.regs.read(0x108, 8) & IOTLB_REG.IVT
     assert "qi_descriptors" not in u.counters()
+    # a device-selective context invalidation with the old DID when the device leaves the guest:
+    # CCMD = CIRG 3 << 61 | CAIG 3 << 59 | SID 0x300 << 16 | DID, ICC (bit 63) cleared by the unit
+    p.iommu.deassign_device(g, NIC)
+    assert u.regs.read(Reg.CCMD, 8) == 3 << 61 | 3 << 59 | 0x300 << 16 | did
 
 
 def test_flush_error_of_an_earlier_unit_is_kept() -> None:
