@@ -98,7 +98,9 @@ def test_device_iotlb_descriptor_golden() -> None:
 
 def test_iec_and_wait_descriptor_golden() -> None:
     assert IecInvDesc().encode() == (0x4, 0)  # global interrupt-entry cache invalidation: G = 0
-    assert IecInvDesc(global_=False, im=2, iidx=0x10).encode() == (0x4 | 0x10 | 2 << 27 | 0x10 << 32, 0)
+    # index-selective (G bit 4 -> 0x10), IM 2 at bits 31:27 -> 0x1000_0000, IIDX 0x10 at 47:32 -> 0x10_0000_0000:
+    # 0x4 | 0x10 | 0x1000_0000 | 0x10_0000_0000 = 0x10_1000_0014
+    assert IecInvDesc(global_=False, im=2, iidx=0x10).encode() == (0x10_1000_0014, 0)
     # wait: type 5 | SW (bit 5 -> 0x20) | FN (bit 6 -> 0x40) | status data 1 << 32 = 0x1_0000_0065
     # hi: the status address 0x7FFF_F000 (bits 63:2)
     assert WaitDesc(0x7FFF_F000, 1, sw=True, if_=False, fn=True).encode() == (0x1_0000_0065, 0x7FFF_F000)
