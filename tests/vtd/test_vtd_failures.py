@@ -40,7 +40,7 @@ def test_map_page_failure_at_each_table_allocation() -> None:
 
 
 def test_split_failure_leaves_the_superpage() -> None:
-    p = make(ram=4 << 30)
+    p = make(ram=3 << 30)
     boot(p)
     g = p.create_guest(1, 0)
     p.machine.populate(g, 1 << 18, align_order=18)
