@@ -41,6 +41,13 @@ QUIRKS: dict[str, str] = {
         "with shared tables, so the SMMU TLB is not flushed after p2m changes (fixed by 9ed527dc95)"
     ),
 }
+QUIRKS["vtd-dfn-truncated"] = (
+    "VT-d map/unmap/lookup mask a dfn to the domain's 48-bit width instead of refusing it, so a dfn beyond the "
+    "width silently aliases a low one (addr_to_dma_page_maddr at the seed)"
+)
+QUIRKS["vtd-lookup-enomem"] = (
+    "VT-d lookup_page of a dfn with no leaf table returns ENOMEM instead of ENOENT (as added in dd93d54fef)"
+)
 
 
 def check_quirks(names: frozenset[str] | set[str]) -> frozenset[str]:

@@ -59,6 +59,7 @@ class Iommu:
         self._cleanup: list[tuple[Mfn, int]] = []  # deferred page-table frees: (frame, level)
         self.log_suppressed_while_shutting_down = 0
         self.setup_error: IommuError | None = None
+        self._hwdom_progress: ProgressFn | None = None
 
     @property
     def console(self) -> Console:
@@ -336,12 +337,22 @@ class Iommu:
     def hwdom_init(self, d: Domain, progress: ProgressFn | None = None) -> None:
         from iommusim.iommu.hwdom import hwdom_init
 
-        hwdom_init(self, d, progress)
+        # the vendor's hwdom_init has no progress argument: arch_hwdom_init picks it up from here
+        self._hwdom_progress = progress
+        try:
+            hwdom_init(self, d, progress)
+        finally:
+            self._hwdom_progress = None
 
     def arch_hwdom_init(self, d: Domain, progress: ProgressFn | None = None) -> None:
-        """The x86 identity map of the hardware domain; vendors call it from their hwdom_init."""
+        """The x86 identity map of the hardware domain; vendors call it from their hwdom_init.
+
+        Without an explicit ``progress`` it reports to the one given to ``hwdom_init``, if any.
+        """
         from iommusim.iommu.hwdom import arch_hwdom_init
 
+        if progress is None:
+            progress = self._hwdom_progress
         arch_hwdom_init(self, d, progress)
 
     def construct(self, d: Domain) -> None:
