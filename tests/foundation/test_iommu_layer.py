@@ -321,3 +321,34 @@ def test_map_page_allocation_failure_at_each_point(who: str) -> None:
     e.io.map_page(d, Dfn(1 << 27), Mfn(0x30), Perm.RW)
     e.m.allocator.clear_failures()
     assert e.io.lookup_page(d, Dfn(1 << 27)) == (Mfn(0x30), Perm.RW)
+
+
+def test_ledger_remembers_unflushed_changes_until_a_flush_covers_them(env: Env) -> None:
+    led = env.io.ledger
+    env.io.map_page(env.guest, Dfn(1), Mfn(1), Perm.RW)
+    assert led.pending(1) == []  # flushed implicitly
+    with env.io.dont_flush():
+        env.io.map_page(env.guest, Dfn(5), Mfn(5), Perm.RW)
+        env.io.unmap_page(env.guest, Dfn(6))  # nothing was there: no flags, nothing owed
+        env.io.map(env.guest, Dfn(10), Mfn(10), 20, Perm.R)
+    env.io.unmap(env.guest, Dfn(40), 5)  # nothing mapped there: nothing owed
+    env.io.map(env.guest, Dfn(100), Mfn(100), 4, Perm.RW, flush=False)
+    assert led.pending(1) == [(5, 1), (10, 20), (100, 4)]
+    assert led.covers(1, 29) and not led.covers(1, 30)
+    env.io.iotlb_flush(env.guest, Dfn(12), 3)
+    assert led.pending(1) == [(5, 1), (10, 2), (15, 15), (100, 4)]
+    env.io.iotlb_flush(env.guest, Dfn(0), 5, FlushFlags.NONE)  # a flush of nothing is not a flush
+    assert led.covers(1, 5)
+    env.io.iotlb_flush_all(env.guest)
+    assert led.pending(1) == [] and led.domains() == []
+    env.io.note_unflushed(env.guest, Dfn(7), 2)
+    assert led.pending(1) == [(7, 2)]
+
+
+def test_ledger_counts_a_flush_the_vendor_cannot_do_as_done() -> None:
+    e = make_env(provided=OPTIONAL_OPS - {"iotlb_flush", "iotlb_flush_all"})
+    with e.io.dont_flush():
+        e.io.map_page(e.guest, Dfn(5), Mfn(5), Perm.RW)
+    e.io.iotlb_flush(e.guest, Dfn(5), 1)
+    # the caller did its part; whatever the hardware still caches is now a missing flush, not a window
+    assert e.io.ledger.pending(1) == []
