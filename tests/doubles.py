@@ -57,7 +57,7 @@ class ToyFormat(PageTableFormat):
         return out
 
     def perms_array(self, words: U64Array, level: int) -> npt.NDArray[np.uint8]:
-        return (((words >> np.uint64(1)) & np.uint64(3))).astype(np.uint8)
+        return ((words >> np.uint64(1)) & np.uint64(3)).astype(np.uint8)
 
     def malformed_array(self, words: U64Array, level: int) -> npt.NDArray[np.bool_]:
         bad = (words & np.uint64(RESERVED)) != 0
