@@ -115,6 +115,8 @@ class Machine:
     def destroy_domain(self, d: Domain) -> None:
         """Release a domain's memory (the IOMMU layer must have torn its state down first)."""
         d.state = DomainState.DYING
+        if d.p2m is not None:
+            d.p2m.teardown()
         for ext in d.extents:
             self.allocator.free_domain(ext.mfn, ext.count)
         d.extents.clear()
