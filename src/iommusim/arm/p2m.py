@@ -217,12 +217,12 @@ class ArmP2m:
         found = self.get_entry(gfn)
         return None if found is None else found[0]
 
-    def items(self) -> Iterator[tuple[Gfn, P2mEntry]]:
-        """Every mapped 4 KiB guest frame in ascending order, read back from the table in memory."""
-        leaves: list[tuple[int, int, int]] = []  # (first gfn, pages, raw)
+    def leaves(self) -> list[tuple[int, int, int]]:
+        """Every block and page descriptor as (first guest frame, frames covered, raw descriptor), ascending."""
+        out: list[tuple[int, int, int]] = []
         with self._lock:
             if self.table.root is None:
-                return
+                return out
             for _frame, level, base, words, _ in walk_tables(
                 self.machine.memory, FORMAT, self.root.value, self.table.levels, root_pages=self.table.root_pages
             ):
@@ -231,9 +231,13 @@ class ArmP2m:
                     present &= ~FORMAT.table_array(words, level)
                 span = 9 * (level - 1)
                 for i in np.nonzero(present)[0].tolist():
-                    leaves.append((base + (i << span), 1 << span, int(words[i])))
-        leaves.sort()
-        for g0, pages, raw in leaves:
+                    out.append((base + (i << span), 1 << span, int(words[i])))
+        out.sort()
+        return out
+
+    def items(self) -> Iterator[tuple[Gfn, P2mEntry]]:
+        """Every mapped 4 KiB guest frame in ascending order, read back from the table in memory."""
+        for g0, pages, raw in self.leaves():
             m0 = (raw & OA_MASK) >> PAGE_SHIFT
             t = _FROM_XEN.get((raw >> SW_SHIFT) & 0xF, P2mType.INVALID)
             for k in range(pages):

@@ -371,6 +371,10 @@ class SmmuV2:
         else:
             self._irq[line] = handler
 
+    def irq_handler(self, line: int) -> IrqHandler | None:
+        """What is connected to an interrupt line (for tools that tap it)."""
+        return self._irq.get(line)
+
     def _raise_irq(self, line: int) -> None:
         handler = self._irq.get(line)
         self._counters["irq_global" if line == GLOBAL_IRQ else "irq_context"] += 1
