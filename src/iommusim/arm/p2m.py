@@ -138,11 +138,14 @@ class ArmP2m:
         *,
         block_shifts: tuple[int, ...] = (21, 30),
         iommu: Iommu | None = None,
+        clean_pte: bool = False,
     ) -> None:
         self.machine = machine
         self.domain = d
         self.layout = layout
         self.iommu = iommu
+        #: Clean each PTE write to memory for an SMMU that cannot walk coherently (fixed at p2m_init in Xen).
+        self.clean_pte = clean_pte
         self.block_levels = tuple(sorted(_BLOCK_LEVELS[s] for s in block_shifts if s in _BLOCK_LEVELS))
         self.counters: Counter[str] = Counter()
         self._vmids = vmids
@@ -353,14 +356,8 @@ class ArmP2m:
         for _first, level in change.split:
             self.counters[f"shattered_l{level}"] += 1
             self._cpu_tlb_flush()  # break-before-make around the block being replaced by a table
-        if self._clean_pte:
+        if self.clean_pte:
             self.counters["dcache_clean"] += 1
-
-    @property
-    def _clean_pte(self) -> bool:
-        """Xen cleans each PTE write to memory when the IOMMU cannot walk coherently."""
-        iommu = self.iommu
-        return iommu is not None and iommu.enabled and not iommu.has_feature(self.domain, "coherent-walk")
 
     def _after_change(self, g: int, nr: int, flags: FlushFlags, change: Change) -> None:
         if flags:

@@ -35,6 +35,7 @@ from typing import Any
 
 from iommusim.arm.p2m import ArmP2m
 from iommusim.arm.vtcr import P2mLayout, VmidAllocator, p2m_layout_for_pa_range
+from iommusim.drivers.smmu.device import SmmuFeature
 from iommusim.drivers.smmu.driver import SmmuDriver
 from iommusim.drivers.smmu.firmware import SmmuNode
 from iommusim.errors import InvalidArgument, IommuError
@@ -169,7 +170,9 @@ def build(spec: HardwareSpec, config: IommuConfig, devices: Sequence[PciDevice])
     blocks = tuple(s for s in spec.superpages if s in (21, 30))
 
     def make_p2m(d: Domain) -> ArmP2m:
-        return ArmP2m(machine, d, layout, vmids, block_shifts=blocks, iommu=iommu)
+        # Xen's p2m_init: clean PTE writes when the IOMMU is on and some SMMU cannot walk coherently
+        clean = iommu.enabled and not driver.platform_features & SmmuFeature.COHERENT_WALK
+        return ArmP2m(machine, d, layout, vmids, block_shifts=blocks, iommu=iommu, clean_pte=clean)
 
     machine.p2m_factory = make_p2m
     iommu.setup()
