@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from smmu_helpers import DEV_A, DEV_B, driver_of, guest_with, make_platform, mfn_of, page_addr, unit_of
 
 from iommusim.drivers.smmu import NoSpace
@@ -367,3 +369,49 @@ def test_assignment_allocation_failure_at_each_point() -> None:
     # and everything goes away with the guest
     p.destroy(g)
     assert m.allocator.owned("d1:") == 0
+
+
+_STEPS = st.lists(
+    st.tuples(
+        st.sampled_from(["map", "map_block", "unmap", "unmap_block", "read", "read", "write"]),
+        st.integers(0, 1),  # 2 MiB slot of the guest's IPA space
+        st.sampled_from([0, 1, 2, 511]),  # page within the slot (few, so that steps meet on the same page)
+        st.integers(0, 15),  # which of the guest's own 2 MiB of memory to map there
+    ),
+    min_size=6,
+    max_size=30,
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(steps=_STEPS)
+def test_dma_always_sees_the_current_p2m_when_xen_flushes(steps: list[tuple[str, int, int, int]]) -> None:
+    """With Xen's flushes, no device ever reaches memory its domain's p2m does not map there (now)."""
+    p = make_platform(iotlb_entries=8)
+    g = guest_with(p, DEV_A, memory=32 << 20)
+    m, dev = p.machine, p.device(DEV_A)
+    base = g.extents[0].mfn.value
+    aligned = (base + 511) & ~511
+    for step, (op, slot, page, src) in enumerate(steps):
+        gfn = 0x4000 + slot * 512 + page
+        marker = (step << 32 | gfn).to_bytes(8, "little")  # unique per step: stale data cannot match
+        if op == "map":
+            p.guest_map(g, Gfn(gfn), Mfn(base + src * 512 + page))
+        elif op == "map_block":
+            p.guest_map(g, Gfn(0x4000 + slot * 512), Mfn(aligned + (src % 14) * 512), order=9)
+        elif op == "unmap":
+            p.guest_unmap(g, Gfn(gfn))
+        elif op == "unmap_block":
+            p.guest_unmap(g, Gfn(0x4000 + slot * 512), order=9)
+        else:
+            assert g.p2m is not None
+            entry = g.p2m.lookup(Gfn(gfn))
+            if entry is None:
+                with pytest.raises(DmaFault):
+                    m.dma.read(dev, page_addr(gfn), 8)
+            elif op == "write":
+                m.dma.write(dev, page_addr(gfn) + 8, marker)
+                assert m.memory.read_bytes((entry.mfn.value << 12) + 8, 8) == marker
+            else:
+                m.memory.write_bytes(entry.mfn.value << 12, marker)
+                assert m.dma.read(dev, page_addr(gfn), 8) == marker
