@@ -283,9 +283,7 @@ class ArmP2m:
         """p2m_insert_mapping (map_regions_p2mt and friends): ``nr`` frames from ``gfn`` to ``mfn``."""
         g = expect_kind(Gfn, gfn, "gfn").value
         m = expect_kind(Mfn, mfn, "mfn").value
-        perms, attrs = p2m_entry_for_type(type)
-        if type in (P2mType.RAM_LOGDIRTY, P2mType.MMIO_DIRECT):
-            raise InvalidArgument(f"p2m type {type.value} does not exist on ARM")
+        perms, attrs = p2m_entry_for_type(type)  # EINVAL for the x86-only types
         self._check_range(g, nr)
         if (m + nr) << PAGE_SHIFT > OA_MASK + (1 << PAGE_SHIFT):
             raise InvalidArgument(f"machine frames {m:#x}+{nr:#x} are beyond a 48-bit physical address")
@@ -326,7 +324,7 @@ class ArmP2m:
     def _insert(self, g: int, nr: int, m: int, perms: Perm, attrs: S2Attrs) -> FlushFlags:
         levels = self._levels_for(g, nr)
         bits = {lv: FORMAT.leaf_bits(perms, lv, attrs) for lv in levels}
-        single = next((lv for lv in levels if nr == 1 << (9 * (lv - 1)) and not (g | m) & (nr - 1)), None)
+        single = next((lv for lv in levels if nr == 1 << (9 * (lv - 1)) and not ((g | m) & (nr - 1))), None)
         if single is not None:
             raw = (m << PAGE_SHIFT) | bits[single]
             change = self.table.set_leaf(g, raw, single)
