@@ -206,7 +206,7 @@ def test_allocation_failure_at_each_point_leaves_the_p2m_intact() -> None:
     assert p.lookup(Gfn(0x80002)) == P2mEntry(Mfn(0x40002), P2mType.RAM_RW)
 
 
-def test_teardown_frees_every_table(tmp_path: object) -> None:
+def test_teardown_frees_every_table() -> None:
     m, p, vmids = _setup()
     d: Domain = p.domain
     p.guest_physmap_add_entry(Gfn(0x12345), Mfn(0x1000), 0, P2mType.RAM_RW)

@@ -128,3 +128,20 @@ def test_mmio_refuses_unimplemented_pages() -> None:
 
     with pytest.raises(BadAddress):
         unit.mmio.read(0x4000)
+
+
+def test_hardware_model_sees_only_memory_and_registers() -> None:
+    """Rule 1: the SMMU model imports nothing of the driver, the generic layer or the platform."""
+    import ast
+    from pathlib import Path
+
+    import iommusim.hw.smmu as hw
+
+    forbidden = ("iommusim.drivers", "iommusim.iommu", "iommusim.platform", "iommusim.arm")
+    for path in Path(hw.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                assert not node.module.startswith(forbidden), f"{path.name} imports {node.module}"
+            if isinstance(node, ast.Import):
+                for alias in node.names:
+                    assert not alias.name.startswith(forbidden), f"{path.name} imports {alias.name}"
