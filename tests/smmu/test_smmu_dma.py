@@ -21,7 +21,7 @@ from iommusim.errors import (
     OutOfMemory,
 )
 from iommusim.frames import Daddr, Dfn, Gfn, Mfn
-from iommusim.hw.smmu import SmmuFaultRecord
+from iommusim.hw.smmu import SmmuFaultRecord, regs
 from iommusim.machine import PciDevice, Sbdf
 from iommusim.machine.p2m import P2mType
 from iommusim.perms import FlushFlags, Perm
@@ -415,3 +415,36 @@ def test_dma_always_sees_the_current_p2m_when_xen_flushes(steps: list[tuple[str,
             else:
                 m.memory.write_bytes(entry.mfn.value << 12, marker)
                 assert m.dma.read(dev, page_addr(gfn), 8) == marker
+
+
+def test_invalidations_complete_only_at_a_sync_and_the_tlb_is_lru() -> None:
+    p = make_platform(iotlb_entries=2)
+    g = guest_with(p, DEV_A)
+    m, dev, unit = p.machine, p.device(DEV_A), unit_of(p)
+    old, new = mfn_of(g, 0x10), mfn_of(g, 0x20)
+    m.memory.write_bytes(old << 12, b"o")
+    m.memory.write_bytes(new << 12, b"n")
+    assert m.dma.read(dev, page_addr(0x10), 1) == b"o"
+    p.guest_map(g, Gfn(0x10), Mfn(new), flush=False)
+    # a TLBIVMID for the guest's VMID (bank 0 + 1) is only accepted...
+    unit.mmio.write(regs.GR0_TLBIVMID, 1)
+    assert m.dma.read(dev, page_addr(0x10), 1) == b"o"
+    # ... and completed by the sync
+    unit.mmio.write(regs.GR0_STLBGSYNC, 0)
+    assert unit.mmio.read(regs.GR0_STLBGSTATUS) == regs.STLBGSTATUS_GSACTIVE  # one poll still active
+    assert unit.mmio.read(regs.GR0_STLBGSTATUS) == 0
+    assert m.dma.read(dev, page_addr(0x10), 1) == b"n"
+    # TLBIALLNSNH drops every VMID's entries, again at the sync
+    p.guest_map(g, Gfn(0x10), Mfn(old), flush=False)
+    unit.mmio.write(regs.GR0_TLBIALLNSNH, 0)
+    assert m.dma.read(dev, page_addr(0x10), 1) == b"n"
+    unit.mmio.write(regs.GR0_STLBGSYNC, 0)
+    assert m.dma.read(dev, page_addr(0x10), 1) == b"o"
+    # two entries: a third translation evicts the least recently used one
+    evictions = unit.counters().get("iotlb_evictions", 0)
+    for gfn in (0x11, 0x12):
+        m.dma.read(dev, page_addr(gfn), 1)
+    assert unit.counters()["iotlb_evictions"] == evictions + 1
+    walks = unit.counters()["walks"]
+    m.dma.read(dev, page_addr(0x10), 1)  # 0x10 was the least recently used: walked again
+    assert unit.counters()["walks"] == walks + 1
