@@ -50,6 +50,9 @@ class ToyFormat(PageTableFormat):
             return Decoded(EntryKind.TABLE, raw, level, addr, perms, next_level=level - 1)
         return Decoded(EntryKind.LEAF, raw, level, addr, perms, page_shift=level_shift(level))
 
+    def is_table(self, raw: int, level: int) -> bool:
+        return level > 1 and not raw & PS and not raw & RESERVED
+
     def table_array(self, words: U64Array, level: int) -> npt.NDArray[np.bool_]:
         if level == 1:
             return np.zeros(words.shape, dtype=bool)
@@ -57,7 +60,7 @@ class ToyFormat(PageTableFormat):
         return out
 
     def perms_array(self, words: U64Array, level: int) -> npt.NDArray[np.uint8]:
-        return (((words >> np.uint64(1)) & np.uint64(3))).astype(np.uint8)
+        return ((words >> np.uint64(1)) & np.uint64(3)).astype(np.uint8)
 
     def malformed_array(self, words: U64Array, level: int) -> npt.NDArray[np.bool_]:
         bad = (words & np.uint64(RESERVED)) != 0

@@ -15,6 +15,8 @@ from enum import IntEnum
 __all__ = ["Console", "LogLevel", "LogLine", "RateLimiter", "SimClock"]
 
 _log = logging.getLogger("iommusim.xen")
+# a library does not print on its own: without a handler configured by the application, lines stay in the Console
+logging.getLogger("iommusim").addHandler(logging.NullHandler())
 
 
 class SimClock:

@@ -30,6 +30,8 @@ __all__ = ["VENDORS", "HardwareSpec", "Platform", "available_vendors", "build_pl
 
 #: vendor name -> "module:function" of its builder, ``build(spec, config, devices) -> Platform``.
 VENDORS: dict[str, str] = {}
+VENDORS["vtd"] = "iommusim.drivers.vtd.platform:build"
+VENDORS["smmu"] = "iommusim.drivers.smmu.platform:build"
 VENDORS["amd"] = "iommusim.drivers.amd.platform:build"
 
 

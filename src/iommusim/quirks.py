@@ -45,7 +45,18 @@ QUIRKS: dict[str, str] = {
         "after the need_iommu split, ARM's p2m flush hook tests need_iommu_pt_sync, which is never true "
         "with shared tables, so the SMMU TLB is not flushed after p2m changes (fixed by 9ed527dc95)"
     ),
+    "smmu-sl0-level1": (
+        "the SMMU context bank's TCR.SL0 is hard-coded to start the walk at lookup level 1, wrong for a p2m "
+        "rooted at level 0 (IPA sizes of 44 and 48 bits) (fixed by 9ae1197582)"
+    ),
 }
+QUIRKS["vtd-dfn-truncated"] = (
+    "VT-d map/unmap/lookup mask a dfn to the domain's 48-bit width instead of refusing it, so a dfn beyond the "
+    "width silently aliases a low one (addr_to_dma_page_maddr at the seed)"
+)
+QUIRKS["vtd-lookup-enomem"] = (
+    "VT-d lookup_page of a dfn with no leaf table returns ENOMEM instead of ENOENT (as added in dd93d54fef)"
+)
 
 
 def check_quirks(names: frozenset[str] | set[str]) -> frozenset[str]:

@@ -1,16 +1,30 @@
-"""``iommusim demo``: a short, deterministic, narrated tour of the model."""
+"""``iommusim demo``: a short, deterministic, narrated tour of the model on every installed vendor.
+
+For each vendor the same story is told through the vendor-neutral ``Platform`` API: the hardware domain's
+IOMMU set-up (with a progress bar), a guest with an assigned device doing DMA, an unmap with its flush and
+one without (the stale window that opens and the flush that closes it), a fault with the line the
+hypervisor logs, and the hardware's counters.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
 from rich.table import Table
 
-from iommusim.errors import IommuError
-from iommusim.frames import Dfn, Mfn, dfn_to_daddr
+from iommusim.errors import DmaFault, IommuError
+from iommusim.frames import Daddr, Dfn, Gfn, Mfn, dfn_to_daddr
 from iommusim.iommu import Iommu
 from iommusim.machine import DomainKind, Machine, PageType, PciDevice, PciDevType, Sbdf
 from iommusim.perms import Perm
-from iommusim.platform import available_vendors
+from iommusim.platform import HardwareSpec, Platform, available_vendors, build_platform
+
+VENDOR_TITLES = {"vtd": "Intel VT-d", "amd": "AMD-Vi", "smmu": "ARM SMMU"}
+NIC = "0000:03:00.0"
+HWDOM_BYTES = 256 << 20
+GUEST_BYTES = 64 << 20
 
 
 def _machine_tour(out: Console) -> None:
@@ -28,8 +42,8 @@ def _machine_tour(out: Console) -> None:
     first = hwdom.extents[0].mfn.value
     m.pages.set_type(first, PageType.L1_PAGE_TABLE, count=16)
     out.print(f"{hwdom}: PV hardware domain, {hwdom.tot_pages} pages (16 of them typed as page tables)")
-    out.print(f"{guest}: HVM guest, {guest.tot_pages} pages behind a p2m of {len(guest.p2m)} entries")  # type: ignore[arg-type]
-    nic = m.add_pci_device(PciDevice(Sbdf.parse("0000:03:00.0"), PciDevType.PCIE_ENDPOINT, ats=True), owner=hwdom)
+    out.print(f"{guest}: HVM guest, {guest.tot_pages} pages behind a p2m")
+    nic = m.add_pci_device(PciDevice(Sbdf.parse(NIC), PciDevType.PCIE_ENDPOINT), owner=hwdom)
     out.print(f"PCI device {nic.sbdf} (requester id {nic.sbdf.bdf:#06x}) owned by {nic.owner}")
     plan = m.allocator.fail_nth(2)
     try:
@@ -42,20 +56,93 @@ def _machine_tour(out: Console) -> None:
     iommu.setup()
     iommu.domain_init(guest)
     flags = iommu.map_page(guest, Dfn(0x10), Mfn(first), Perm.RW)
-    out.print(f"With no IOMMU enabled the generic layer's map is a no-op: flags={flags!r}")
+    out.print(f"Without an IOMMU the generic layer's map is a no-op: flags={flags!r}")
 
 
-def run_demo(vendors: list[str] | None = None) -> int:
+def _dma_read(p: Platform, dev: PciDevice, gfn: int) -> str:
+    try:
+        data = p.machine.dma.read(dev, Daddr(gfn << 12), 16)
+        return f"[green]read {data!r}[/]"
+    except DmaFault as exc:
+        return f"[red]fault[/] ({exc})"
+
+
+def _new_console_lines(p: Platform, mark: int) -> list[str]:
+    return [line.text for line in p.machine.console.lines[mark:]]
+
+
+def _vendor_story(out: Console, vendor: str) -> None:
+    out.rule(f"[bold]{VENDOR_TITLES.get(vendor, vendor)}")
+    nic = PciDevice(Sbdf.parse(NIC), PciDevType.PCIE_ENDPOINT)
+    p = build_platform(HardwareSpec(vendor=vendor, ram_bytes=1 << 30, iotlb_entries=64), devices=[nic])
+    out.print(f"{len(p.units)} IOMMU unit(s): {', '.join(u.name for u in p.units)}")
+
+    with Progress(
+        TextColumn("hardware domain set-up"), BarColumn(), TaskProgressColumn(), console=out, transient=True
+    ) as bar:
+        task = bar.add_task("hwdom", total=None)
+
+        def progress(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        hwdom = p.create_hardware_domain(HWDOM_BYTES, progress=progress)
+    mapped = sum(m.pages for m in p.iommu.dump_page_tables(hwdom))
+    out.print(f"{hwdom}: {hwdom.tot_pages} pages of its own; its IOMMU view maps {mapped} pages")
+
+    guest = p.create_guest(1, GUEST_BYTES)
+    p.iommu.assign_device(guest, NIC)
+    dev = p.device(NIC)
+    out.print(f"{dev.sbdf} assigned to {guest}; {guest} now has IOMMU tables ({p.iommu.state(guest).status.value})")
+
+    gfn = 0x100
+    p.machine.dma.write(dev, Daddr(gfn << 12), b"hello from a NIC")
+    assert guest.p2m is not None
+    entry = guest.p2m.lookup(Gfn(gfn))
+    landed = p.machine.memory.read_bytes(entry.mfn.value << 12, 16) if entry else b""
+    out.print(f"DMA write to gfn {gfn:#x} landed in {entry.mfn if entry else '?'}: {landed!r}")
+
+    out.print("[bold]Unmap with its flush[/]: the device loses the page at once")
+    mark = len(p.machine.console.lines)
+    p.guest_unmap(guest, Gfn(gfn))
+    out.print(f"  DMA read of gfn {gfn:#x}: {_dma_read(p, dev, gfn)}")
+    for line in _new_console_lines(p, mark):
+        out.print(f"  [dim]hypervisor log:[/] {line}")
+
+    stale = gfn + 1
+    out.print(f"  DMA read of gfn {stale:#x} (warms the IOTLB): {_dma_read(p, dev, stale)}")
+    out.print("[bold]Unmap without its flush[/]: a stale window opens")
+    p.guest_unmap(guest, Gfn(stale), flush=False)
+    out.print(f"  DMA read of gfn {stale:#x} after the unmap: {_dma_read(p, dev, stale)}  <- stale translation")
+    p.iommu.iotlb_flush(guest, Dfn(stale), 1)
+    mark = len(p.machine.console.lines)
+    out.print(f"  after the flush: {_dma_read(p, dev, stale)}")
+    for line in _new_console_lines(p, mark):
+        out.print(f"  [dim]hypervisor log:[/] {line}")
+
+    table = Table(title=f"{VENDOR_TITLES.get(vendor, vendor)} counters")
+    table.add_column("unit")
+    table.add_column("counter")
+    table.add_column("value", justify="right")
+    for unit, counters in p.counters().items():
+        for name, value in sorted(counters.items()):
+            if value:
+                table.add_row(unit, name, str(value))
+    out.print(table)
+
+
+def run_demo(vendors: Sequence[str] | None = None) -> int:
     out = Console(highlight=False)
     _machine_tour(out)
     found = available_vendors()
     chosen = [v for v in found if vendors is None or v in vendors]
+    if vendors:
+        missing = [v for v in vendors if v not in found]
+        if missing:
+            out.print(f"[red]not installed:[/] {', '.join(missing)} (installed: {', '.join(found) or 'none'})")
+            return 2
     if not chosen:
         out.print("[yellow]No vendor model is installed yet: the tour above shows the machine and generic layer.[/]")
         return 0
-    table = Table(title="Vendors")
-    table.add_column("vendor")
-    for v in chosen:
-        table.add_row(v)
-    out.print(table)
+    for vendor in chosen:
+        _vendor_story(out, vendor)
     return 0

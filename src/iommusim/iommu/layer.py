@@ -30,6 +30,7 @@ from iommusim.errors import (
 )
 from iommusim.frames import Dfn, Mfn, expect_kind
 from iommusim.iommu.config import IommuConfig
+from iommusim.iommu.ledger import FlushLedger
 from iommusim.iommu.ops import DomainIommu, IommuOps, IommuStatus, ReservedMemoryCallback
 from iommusim.perms import FlushFlags, Perm
 
@@ -59,6 +60,9 @@ class Iommu:
         self._cleanup: list[tuple[Mfn, int]] = []  # deferred page-table frees: (frame, level)
         self.log_suppressed_while_shutting_down = 0
         self.setup_error: IommuError | None = None
+        self._hwdom_progress: ProgressFn | None = None
+        #: Changes left unflushed on purpose (batching callers), until a flush covers them.
+        self.ledger = FlushLedger()
 
     @property
     def console(self) -> Console:
@@ -167,11 +171,14 @@ class Iommu:
         if ops is None:
             return FlushFlags.NONE
         try:
-            return ops.map_page(d, dfn, mfn, perms)
+            flags = ops.map_page(d, dfn, mfn, perms)
         except IommuError as exc:
             exc.with_context(op="map_page", domain=d)
             self._fail(d, exc, f"d{d.domid}: IOMMU map of dfn {dfn.xen()} to mfn {mfn.xen()} failed")
             raise
+        if flags and self.dont_flush_iotlb:
+            self.ledger.note(d.domid, dfn.value, 1)
+        return flags
 
     def unmap_page(self, d: Domain, dfn: Dfn) -> FlushFlags:
         expect_kind(Dfn, dfn, "dfn")
@@ -179,11 +186,18 @@ class Iommu:
         if ops is None:
             return FlushFlags.NONE
         try:
-            return ops.unmap_page(d, dfn)
+            flags = ops.unmap_page(d, dfn)
         except IommuError as exc:
             exc.with_context(op="unmap_page", domain=d)
             self._fail(d, exc, f"d{d.domid}: IOMMU unmap of dfn {dfn.xen()} failed")
             raise
+        if flags and self.dont_flush_iotlb:
+            self.ledger.note(d.domid, dfn.value, 1)
+        return flags
+
+    def note_unflushed(self, d: Domain, dfn: Dfn, count: int) -> None:
+        """Record a change whose flush a batching caller owes (for hooks that skip their own flush)."""
+        self.ledger.note(d.domid, expect_kind(Dfn, dfn, "dfn").value, count)
 
     def lookup_page(self, d: Domain, dfn: Dfn) -> tuple[Mfn, Perm]:
         """The Mfn and permissions a Dfn maps to; EOPNOTSUPP where there is no lookup."""
@@ -208,10 +222,14 @@ class Iommu:
         """Flush ``count`` pages from ``dfn``; no-op without IOMMU, without the op, or with nothing to flush."""
         expect_kind(Dfn, dfn, "dfn")
         ops = self._ops_for(d)
-        if ops is None or "iotlb_flush" not in ops.provided or not count or not flags:
+        if ops is None or not count or not flags:
+            return
+        if "iotlb_flush" not in ops.provided:
+            self.ledger.flushed(d.domid, dfn.value, count)  # the caller did its part; Xen's NULL op did nothing
             return
         try:
             ops.iotlb_flush(d, dfn, count, flags)
+            self.ledger.flushed(d.domid, dfn.value, count)
         except IommuError as exc:
             exc.with_context(op="iotlb_flush", domain=d)
             self._fail(d, exc, f"d{d.domid}: IOMMU IOTLB flush of dfn {dfn.xen()}, {count} page(s), failed")
@@ -219,10 +237,14 @@ class Iommu:
 
     def iotlb_flush_all(self, d: Domain) -> None:
         ops = self._ops_for(d)
-        if ops is None or "iotlb_flush_all" not in ops.provided:
+        if ops is None:
+            return
+        if "iotlb_flush_all" not in ops.provided:
+            self.ledger.flushed_all(d.domid)
             return
         try:
             ops.iotlb_flush_all(d)
+            self.ledger.flushed_all(d.domid)
         except IommuError as exc:
             exc.with_context(op="iotlb_flush_all", domain=d)
             self._fail(d, exc, f"d{d.domid}: IOMMU IOTLB flush of everything failed")
@@ -262,6 +284,8 @@ class Iommu:
             raise
         if flush:
             self.iotlb_flush(d, dfn, count, flags)
+        elif flags:
+            self.ledger.note(d.domid, dfn.value, count)
         return flags
 
     def _map_pages(self, ops: IommuOps, d: Domain, dfn: Dfn, mfn: Mfn, count: int, perms: Perm) -> FlushFlags:
@@ -329,6 +353,8 @@ class Iommu:
             raise
         if flush:
             self.iotlb_flush(d, dfn, count, flags)
+        elif flags:
+            self.ledger.note(d.domid, dfn.value, count)
         return flags
 
     # -- hardware domain, construction and teardown ------------------------------------------------------------
@@ -336,12 +362,22 @@ class Iommu:
     def hwdom_init(self, d: Domain, progress: ProgressFn | None = None) -> None:
         from iommusim.iommu.hwdom import hwdom_init
 
-        hwdom_init(self, d, progress)
+        # the vendor's hwdom_init has no progress argument: arch_hwdom_init picks it up from here
+        self._hwdom_progress = progress
+        try:
+            hwdom_init(self, d, progress)
+        finally:
+            self._hwdom_progress = None
 
     def arch_hwdom_init(self, d: Domain, progress: ProgressFn | None = None) -> None:
-        """The x86 identity map of the hardware domain; vendors call it from their hwdom_init."""
+        """The x86 identity map of the hardware domain; vendors call it from their hwdom_init.
+
+        Without an explicit ``progress`` it reports to the one given to ``hwdom_init``, if any.
+        """
         from iommusim.iommu.hwdom import arch_hwdom_init
 
+        if progress is None:
+            progress = self._hwdom_progress
         arch_hwdom_init(self, d, progress)
 
     def construct(self, d: Domain) -> None:

@@ -7,7 +7,7 @@ from collections.abc import Callable
 import numpy as np
 
 from iommusim.console import Console, SimClock
-from iommusim.errors import AlreadyExists, InvalidArgument, NoSuchDomain
+from iommusim.errors import AlreadyExists, InvalidArgument, IommuError, NoSuchDomain
 from iommusim.frames import PAGE_SHIFT, Gfn, Mfn
 from iommusim.machine.allocator import PageAllocator
 from iommusim.machine.dma import DmaEngine
@@ -72,7 +72,12 @@ class Machine:
             d.p2m = self.p2m_factory(d)
         self.domains[domid] = d
         if memory_bytes:
-            self.populate(d, memory_bytes >> PAGE_SHIFT)
+            try:
+                self.populate(d, memory_bytes >> PAGE_SHIFT)
+            except IommuError:
+                # e.g. ENOMEM while an ARM p2m builds its tables: no half-made domain may remain
+                self.destroy_domain(d)
+                raise
         return d
 
     def populate(self, d: Domain, count: int, *, align_order: int = 0) -> Extent:
@@ -115,6 +120,8 @@ class Machine:
     def destroy_domain(self, d: Domain) -> None:
         """Release a domain's memory (the IOMMU layer must have torn its state down first)."""
         d.state = DomainState.DYING
+        if d.p2m is not None:
+            d.p2m.teardown()
         for ext in d.extents:
             self.allocator.free_domain(ext.mfn, ext.count)
         d.extents.clear()

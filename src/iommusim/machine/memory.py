@@ -46,6 +46,7 @@ class MachineMemory:
         self.max_mfn = (self.limit >> PAGE_SHIFT) - 1
         self._slot_of: dict[int, int] = {}
         self._segments: list[U64Array] = []
+        self._mvs: list[memoryview] = []  # the same segments as memoryviews: 5x faster scalar access
         self._free_slots: list[int] = []
         self._next_slot = 0
         self._index_cache: tuple[U64Array, npt.NDArray[np.int64]] | None = None
@@ -69,7 +70,9 @@ class MachineMemory:
             slot = self._next_slot
             self._next_slot += 1
             if slot >> 16 >= len(self._segments):
-                self._segments.append(np.zeros(_SEGMENT_FRAMES * WORDS_PER_FRAME, dtype=np.uint64))
+                seg = np.zeros(_SEGMENT_FRAMES * WORDS_PER_FRAME, dtype=np.uint64)
+                self._segments.append(seg)
+                self._mvs.append(memoryview(seg.data).cast("B").cast("Q"))
         self._slot_of[mfn] = slot
         self._index_cache = None
         return slot
@@ -129,13 +132,14 @@ class MachineMemory:
         if slot is None:
             self._check_mfn(mfn)
             return 0
-        return int(self._segments[slot >> 16][((slot & 0xFFFF) << 9) | index])
+        value: int = self._mvs[slot >> 16][((slot & 0xFFFF) << 9) | index]
+        return value
 
     def store_word(self, mfn: int, index: int, value: int) -> None:
         slot = self._slot_of.get(mfn)
         if slot is None:
             slot = self._back(mfn)
-        self._segments[slot >> 16][((slot & 0xFFFF) << 9) | index] = value
+        self._mvs[slot >> 16][((slot & 0xFFFF) << 9) | index] = value
         self.words_written += 1
 
     def read_u64(self, maddr: int) -> int:

@@ -73,6 +73,9 @@ class P2m(Protocol):
     def remove(self, gfn: Gfn, order: int) -> None: ...
     def lookup(self, gfn: Gfn) -> P2mEntry | None: ...
     def items(self) -> Iterator[tuple[Gfn, P2mEntry]]: ...
+    def teardown(self) -> None:
+        """Release whatever the p2m holds (ARM: its stage-2 tables and VMID); called when the domain dies."""
+        ...
 
 
 Listener = Callable[[P2mChange], None]
@@ -112,3 +115,6 @@ class DictP2m:
 
     def __len__(self) -> int:
         return len(self._map)
+
+    def teardown(self) -> None:
+        self._map.clear()

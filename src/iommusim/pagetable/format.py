@@ -79,6 +79,13 @@ class PageTableFormat(ABC):
     def decode(self, raw: int, level: int) -> Decoded:
         """Decode one entry the way the hardware does, including every encoding the spec defines."""
 
+    def is_table(self, raw: int, level: int) -> bool:
+        """Fast check used on every software walk: does this present entry point to a table?
+
+        Formats override it with a bit test; the default decodes.
+        """
+        return self.decode(raw, level).kind == EntryKind.TABLE
+
     def split_leaf_bits(self, raw: int, level: int) -> int:
         """Leaf bits for the 512 children when a superpage at ``level`` is split into ``level - 1`` leaves.
 

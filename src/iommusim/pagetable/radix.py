@@ -143,9 +143,6 @@ class RadixTable:
 
     # -- walking (software side) -----------------------------------------------------------------------
 
-    def _is_table(self, raw: int, level: int) -> bool:
-        return self.fmt.decode(raw, level).kind == EntryKind.TABLE
-
     def _descend(self, dfn: int, to_level: int, journal: Journal | None, change: Change | None) -> int | None:
         """Frame of the table at ``to_level`` covering ``dfn``; allocates and splits only with a journal."""
         table = self._root
@@ -156,11 +153,17 @@ class RadixTable:
             journal.allocated.extend(range(table, table + self.root_pages))
             journal.undo.append(self._forget_root)
         mem = self.memory
+        load = mem.load_word
+        is_table = self.fmt.is_table
+        present = self._present
         level = self.levels
         while level > to_level:
-            t, i = self._slot(table, level, dfn)
-            raw = mem.load_word(t, i)
-            if not raw & self._present:
+            if level == self.levels:
+                t, i = self._slot(table, level, dfn)
+            else:
+                t, i = table, (dfn >> (9 * (level - 1))) & 511
+            raw = load(t, i)
+            if not raw & present:
                 if journal is None:
                     return None
                 new = self._alloc_table(journal)
@@ -169,7 +172,7 @@ class RadixTable:
                 if change is not None:
                     change.tables_allocated += 1
                 table = new
-            elif self._is_table(raw, level):
+            elif is_table(raw, level):
                 table = (raw & self._addr_mask) >> PAGE_SHIFT
             else:
                 d = self.fmt.decode(raw, level)
@@ -220,16 +223,18 @@ class RadixTable:
             return None
         table = self._root
         level = self.levels
+        load = self.memory.load_word
+        is_table = self.fmt.is_table
         while True:
-            t, i = self._slot(table, level, dfn)
-            raw = self.memory.load_word(t, i)
+            t, i = self._slot(table, level, dfn) if level == self.levels else (table, (dfn >> (9 * (level - 1))) & 511)
+            raw = load(t, i)
             if not raw & self._present:
                 return None
-            d = self.fmt.decode(raw, level)
-            if d.kind == EntryKind.TABLE and level > 1:
-                table = d.address >> PAGE_SHIFT
+            if level > 1 and is_table(raw, level):
+                table = (raw & self._addr_mask) >> PAGE_SHIFT
                 level -= 1
                 continue
+            d = self.fmt.decode(raw, level)
             return d if d.kind == EntryKind.LEAF else None
 
     # -- per-entry edits (the fast path) -------------------------------------------------------------
@@ -252,7 +257,7 @@ class RadixTable:
             return change
         if old & self._present:
             change.flush |= 2  # MODIFIED
-            if level > 1 and self._is_table(old, level):
+            if level > 1 and self.fmt.is_table(old, level):
                 change.freed_tables.extend(self.subtree_tables((old & self._addr_mask) >> PAGE_SHIFT, level - 1))
                 change.flush |= 4  # ALL: a whole table's worth of translations went away
         if raw & self._present:
@@ -376,7 +381,7 @@ class RadixTable:
             e_lo = base + (i << span)
             e_hi = e_lo + (1 << span)
             full = lo <= e_lo and e_hi <= hi
-            is_table = self._is_table(raw, level)
+            is_table = self.fmt.is_table(raw, level)
             if full and (not is_table or reclaim):
                 journal.writes.append((table, i, raw))
                 words[i] = 0
