@@ -159,11 +159,11 @@ def test_hardware_domain_identity_map() -> None:
 
 @pytest.mark.parametrize("n", [1, 2, 3, 4])
 def test_hardware_setup(n: int) -> None:
+    from amd_support import devices
+
     from iommusim.drivers.amd.platform import assemble
     from iommusim.iommu.config import IommuConfig
     from iommusim.platform import HardwareSpec
-
-    from amd_support import devices
 
     p = assemble(HardwareSpec("amd", ram_bytes=64 << 20), IommuConfig(), devices())
     p.machine.allocator.fail_nth(n)  # device table, command buffer, event log, completion semaphore

@@ -505,9 +505,13 @@ def test_full_command_ring_is_waited_for_then_timed_out() -> None:
 
     s = scenario(extra={"cmd_entries": 256})
     _stop_command_processing(s)
-    with pytest.raises(TimedOut):
+
+    def remap_until_it_fails() -> None:
         for i in range(200):  # each map of a present page flushes: invalidate + completion wait
             s.p.iommu.map_page(s.guest, Dfn(3), Mfn(FREE + i), RW)
+
+    with pytest.raises(TimedOut):
+        remap_until_it_fails()
     handle = s.driver.units[0]
     assert handle.stats["completion_wait_timeouts"] >= 1
     assert handle.stats["ring_full_timeouts"] == 1
@@ -608,3 +612,61 @@ def test_pv_guest_paging_mode_from_memory_size() -> None:
     assert p.ops.arch(g).paging_mode == 3
     assert p.ops.arch(p.create_guest(3, 16 << 20)).paging_mode == 2
     _ = Gfn(0)
+
+
+def test_iotlb_flush_all_ends_every_stale_window(s: Scenario) -> None:
+    for i in (0, 700, 5000):
+        s.p.iommu.map_page(s.guest, Dfn(D + i), Mfn(FREE + i), RW)
+        assert can_read(s.p, s.nic, (D + i) << 12) is not None
+    with s.p.iommu.dont_flush():
+        for i in (0, 700, 5000):
+            s.p.iommu.unmap_page(s.guest, Dfn(D + i))
+    assert all(can_read(s.p, s.nic, (D + i) << 12) is not None for i in (0, 700, 5000))
+    before = s.unit.counters()["cmd_inv_pages_domain"]
+    s.p.iommu.iotlb_flush_all(s.guest)
+    assert s.unit.counters()["cmd_inv_pages_domain"] == before + 1
+    assert all(can_read(s.p, s.nic, (D + i) << 12) is None for i in (0, 700, 5000))
+
+
+def test_enabling_ats_flushes_the_whole_device_iotlb() -> None:
+    s = scenario(devs=[PciDevice(Sbdf.parse(NIC), ats=True), PciDevice(Sbdf.parse(DISK))], assign=False)
+    assert s.nic.ats_enabled  # enabled when the hardware domain took the device
+    atc_flushes = s.unit.counters()["cmd_inv_iotlb_pages"]
+    s.p.iommu.assign_device(s.guest, s.nic)  # disabled on the way out, enabled again on the way in
+    assert s.unit.counters()["cmd_inv_iotlb_pages"] > atc_flushes
+    assert s.dte().iotlb
+
+
+def test_ats_off_in_xen_means_no_dte_i_and_no_iotlb_commands() -> None:
+    devs = [PciDevice(Sbdf.parse(NIC), ats=True), PciDevice(Sbdf.parse(DISK))]
+    s = scenario(devs=devs, extra={"ats": False})
+    assert not s.dte().iotlb and not s.nic.ats_enabled
+    s.p.iommu.map_page(s.guest, Dfn(D), Mfn(FREE), RW)
+    s.p.iommu.unmap_page(s.guest, Dfn(D))
+    assert s.unit.counters()["cmd_inv_iotlb_pages"] == 0
+
+
+def test_a_split_is_followed_by_a_flush_of_everything_unless_batched(s: Scenario) -> None:
+    _map_block(s, D, FREE)
+    before = s.unit.counters()["cmd_inv_pages_domain"]
+    s.p.iommu.map_page(s.guest, Dfn(D + 3), Mfn(FREE + 99), RW)  # splits, then remaps one page
+    assert s.unit.counters()["cmd_inv_pages_domain"] == before + 1
+    with s.p.iommu.dont_flush():
+        flags = s.p.iommu.map_page(s.guest, Dfn(D + 600), Mfn(FREE + 9), RW)  # no split: a new table
+    assert flags == FlushFlags.ADDED
+    _map_block(s, D + 1024, FREE + 1024)
+    with s.p.iommu.dont_flush():
+        flags = s.p.iommu.unmap_page(s.guest, Dfn(D + 1030))
+    assert flags == FlushFlags.MODIFIED | FlushFlags.ALL  # the caller owes a flush of everything
+
+
+def test_the_drivers_command_ring_wraps() -> None:
+    s = scenario(extra={"cmd_entries": 256})
+    handle = s.driver.units[0]
+    for i in range(150):  # each remap sends an invalidation and a completion wait: 300 commands
+        s.p.iommu.map_page(s.guest, Dfn(D), Mfn(FREE + i), RW)
+        assert s.translate(D << 12).maddr == (FREE + i) << 12
+    assert handle.stats["commands_sent"] > 256
+    assert handle.cmd.index == regs.ring_ptr(s.unit.mmio.read(regs.CMD_BUF_TAIL))
+    assert regs.ring_ptr(s.unit.mmio.read(regs.CMD_BUF_HEAD)) == handle.cmd.index  # all consumed
+    assert handle.stats.get("completion_wait_timeouts", 0) == 0

@@ -5,6 +5,8 @@ Every fault is checked by reading the event the unit wrote into the log in memor
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 from amd_support import BareUnit, bare_unit
 
@@ -39,7 +41,7 @@ def leaf(maddr: int, perms: Perm = RW) -> int:
 def tree(b: BareUnit, mode: int = 3) -> list[int]:
     """A chain root -> ... -> level-1 table covering DMA address 0; tables listed root first."""
     tables = [b.table() for _ in range(mode)]
-    for lvl, (upper, lower) in enumerate(zip(tables, tables[1:], strict=False)):
+    for lvl, (upper, lower) in enumerate(itertools.pairwise(tables)):
         b.put(upper, 0, F.table_entry(lower << 12, mode - lvl))
     return tables
 
@@ -127,7 +129,13 @@ def test_permissions_are_anded_over_the_walk_and_the_dte(b: BareUnit) -> None:
     assert b.unit.translate(DEV, 0x1000, R).perms == R
     ev = fault(b, W, 0x1000)
     # PR (0x010) | RW (0x020) | PE (0x040) = 0x070
-    assert (ev.code, ev.device_id, ev.domain_id, ev.flags, ev.address) == (EventCode.IO_PAGE_FAULT, DEV, DOM, 0x70, 0x1000)
+    assert (ev.code, ev.device_id, ev.domain_id, ev.flags, ev.address) == (
+        EventCode.IO_PAGE_FAULT,
+        DEV,
+        DOM,
+        0x70,
+        0x1000,
+    )
     b.set_dte(DEV, dte(t[0], perms=R))
     b.send(InvalidateDevtabEntry(DEV))
     assert fault(b, W, 0x2000).flags == 0x70  # the DTE denies the write before any walk
@@ -465,3 +473,16 @@ def test_overflow_raises_the_interrupt() -> None:
         fault(b, R, i << 12)
     assert len(seen) == 256
     assert seen[-1] & regs.STATUS_EVENT_OVERFLOW
+
+
+def test_unreadable_device_table_and_command_store_are_hardware_errors(b: BareUnit) -> None:
+    beyond = 1 << 46  # just past the machine's 46-bit physical address space
+    b.unit.mmio.write(regs.DEV_TAB_BASE, regs.dev_table_base_value(beyond, 1), 8)
+    ev = fault(b, W, 0x1000, 0x10)
+    # DEV_TAB_HARDWARE_ERROR (3), type master abort (1 << 9) | RW (0x020) = 0x220; address = DTE 0x10's
+    assert b.event_words(0) == (0x10, 0x3220_0000, (beyond + 0x10 * 32) & 0xFFFF_FFFF, (beyond + 0x200) >> 32)
+    assert ev.code == EventCode.DEV_TAB_HARDWARE_ERROR
+    b.send(CompletionWait(store=True, store_address=beyond))
+    # COMMAND_HARDWARE_ERROR (6), type master abort -> word 1 = 0x6200_0000; the command's own address
+    assert b.event_words(1) == (0, 0x6200_0000, b.cmd & 0xFFFF_FFFF, b.cmd >> 32)
+    assert not b.status() & regs.STATUS_CMD_BUF_RUN
