@@ -670,3 +670,26 @@ def test_the_drivers_command_ring_wraps() -> None:
     assert handle.cmd.index == regs.ring_ptr(s.unit.mmio.read(regs.CMD_BUF_TAIL))
     assert regs.ring_ptr(s.unit.mmio.read(regs.CMD_BUF_HEAD)) == handle.cmd.index  # all consumed
     assert handle.stats.get("completion_wait_timeouts", 0) == 0
+
+
+def test_without_invalidate_all_resume_flushes_every_device_and_domain() -> None:
+    s = scenario(extra={"ia_sup": False})
+    assert s.unit.counters()["cmd_inv_iommu_all"] == 0  # not sent at boot: the unit lacks it
+    dtes, domains = s.unit.counters()["cmd_inv_devtab_entry"], s.unit.counters()["cmd_inv_pages_domain"]
+    s.p.iommu.suspend()
+    assert not s.unit.enabled
+    s.p.iommu.resume()
+    c = s.unit.counters()
+    assert c["cmd_inv_iommu_all"] == 0 and c["cmd_illegal"] == 0
+    assert c["cmd_inv_devtab_entry"] - dtes == s.driver.ivrs.bdf_entries
+    assert c["cmd_inv_pages_domain"] - domains == 2  # d0 and d1
+    assert can_read(s.p, s.nic, 0x1000) is not None
+
+
+def test_the_seed_driver_ignores_hats() -> None:
+    """Xen grows an HVM guest past the levels the IOMMU implements; the unit then refuses the DTE."""
+    s = scenario(extra={"paging_modes": 4})
+    s.p.iommu.map_page(s.guest, Dfn(1 << 36), Mfn(FREE), RW)  # needs five levels
+    assert s.dte().mode == 5
+    assert can_read(s.p, s.nic, 0x1000) is None
+    assert s.unit.counters()["event_illegal_dev_table_entry"] == 1
