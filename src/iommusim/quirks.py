@@ -26,7 +26,7 @@ QUIRKS: dict[str, str] = {
         "flushes inside every map/unmap even when the caller batches (ops added by cbe21fd047)"
     ),
     "amd-unmap-grows-tree": "AMD unmap walks with allocation and can grow the tree (fixed by ad591454f0)",
-    "amd-cmd-ring-drop": "a full AMD command ring silently drops the command (Xen at N waits instead)",
+    "amd-cmd-ring-drop": "a full AMD command ring silently drops the command (fixed by c4e4434357, XSA-373)",
     "amd-iotlb-s-bit-zero": "INVALIDATE_IOTLB_PAGES never carries S=1 (the shift/mask mix-up, still at N)",
     "amd-split-rw-children": "splitting an AMD superpage gives every child IR=IW=1 (fixed by b8238afd07)",
     "amd-merge-counter": (
