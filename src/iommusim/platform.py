@@ -32,6 +32,7 @@ __all__ = ["VENDORS", "HardwareSpec", "Platform", "available_vendors", "build_pl
 VENDORS: dict[str, str] = {}
 VENDORS["vtd"] = "iommusim.drivers.vtd.platform:build"
 VENDORS["smmu"] = "iommusim.drivers.smmu.platform:build"
+VENDORS["amd"] = "iommusim.drivers.amd.platform:build"
 
 
 @dataclass(frozen=True)

@@ -22,17 +22,22 @@ QUIRKS: dict[str, str] = {
     ),
     "amd-pv-no-map-flush": "AMD never flushes a PV domain's map (fixed by 1a7ffe466c)",
     "amd-no-iotlb-flush-op": (
-        "AMD has no iotlb_flush ops at the seed, so batched (dont-flush) callers get no flush at all "
-        "(ops added by cbe21fd047)"
+        "AMD has no iotlb_flush ops at the seed: the generic layer's explicit flushes are no-ops and the driver "
+        "flushes inside every map/unmap even when the caller batches (ops added by cbe21fd047)"
     ),
     "amd-unmap-grows-tree": "AMD unmap walks with allocation and can grow the tree (fixed by ad591454f0)",
-    "amd-cmd-ring-drop": "a full AMD command ring silently drops the command (Xen at N waits instead)",
+    "amd-cmd-ring-drop": "a full AMD command ring silently drops the command (fixed by c4e4434357, XSA-373)",
     "amd-iotlb-s-bit-zero": "INVALIDATE_IOTLB_PAGES never carries S=1 (the shift/mask mix-up, still at N)",
     "amd-split-rw-children": "splitting an AMD superpage gives every child IR=IW=1 (fixed by b8238afd07)",
     "amd-merge-counter": (
         "merge by the seed's 512-event counter in AMD PDEs instead of checking the table is really full, "
         "contiguous and uniform (the counter is not an occupancy check; merging removed by 5c08550ff4)"
     ),
+    "amd-unity-map-seed": (
+        "AMD ignores errors mapping a device's IVMD unity ranges on assignment and leaves the ranges mapped in "
+        "the guest after the device leaves (fixed by 34750a3eb0 and 899272539c, XSA-378)"
+    ),
+    "amd-no-lookup-op": "AMD provides no lookup_page op, as in every Xen release (the model provides one by default)",
     "vtd-flush-rc-overwritten": (
         "VT-d keeps only the last unit's flush result, so an earlier unit's failure is lost (fixed by e7059776f9)"
     ),
