@@ -159,9 +159,6 @@ def _as_u64(daddrs: npt.ArrayLike) -> U64Array:
     return arr.astype(np.uint64, copy=False)
 
 
-_EVICTIONS = "iotlb_evictions"
-
-
 class ReferenceBatch:
     """Both batch calls for any ``DmaRemapper``, one ``translate`` at a time (correct, slow)."""
 
@@ -188,6 +185,8 @@ class ReferenceBatch:
         return BatchResult(maddrs, faults, shifts, cached, iotlb_bypassed=False)
 
     def replay(self, source_id: int, daddrs: U64Array, accesses: U8Array) -> ReplayStats:
+        """Per-step counts come from the unit's ``iotlb_hits``/``iotlb_misses``/``iotlb_evictions`` counters
+        (the shared ``Iotlb``'s names); a unit that never reports hits or misses is judged by ``cached``."""
         addrs = _as_u64(daddrs)
         acc = np.asarray(accesses)
         if acc.shape != addrs.shape:
@@ -196,26 +195,38 @@ class ReferenceBatch:
         maddrs = np.zeros(n, dtype=np.uint64)
         faults = np.zeros(n, dtype=np.uint16)
         hits = np.zeros(n, dtype=np.uint8)
+        misses = np.zeros(n, dtype=np.uint8)
         evictions = np.zeros(n, dtype=np.uint16)
         translate = self.unit.translate
         counters = self.unit.counters
-        evicted = _count(counters(), _EVICTIONS)
+        prev = _iotlb_counts(counters())
+        counted = prev[0] + prev[1] > 0  # the unit counts IOTLB lookups under the shared names
         for i, (daddr, a) in enumerate(zip(addrs.tolist(), acc.tolist(), strict=True)):
+            cached = False
             try:
                 t = translate(source_id, daddr, Perm(a))
                 maddrs[i] = t.maddr
-                hits[i] = t.cached
+                cached = t.cached
             except DmaFault as exc:
                 faults[i] = fault_code(exc)
-            now = _count(counters(), _EVICTIONS)
-            evictions[i] = now - evicted
-            evicted = now
-        misses = (1 - hits).astype(np.uint8)
+            now = _iotlb_counts(counters())
+            dh, dm, de = (x - y for x, y in zip(now, prev, strict=True))
+            prev = now
+            counted = counted or dh + dm > 0
+            if counted:
+                hits[i], misses[i] = dh, dm
+            else:
+                hits[i], misses[i] = cached, not cached
+            evictions[i] = de
         return ReplayStats(maddrs, faults, hits, misses, evictions)
 
 
-def _count(counters: Mapping[str, int], key: str) -> int:
-    return int(counters.get(key, 0))
+def _iotlb_counts(counters: Mapping[str, int]) -> tuple[int, int, int]:
+    return (
+        int(counters.get("iotlb_hits", 0)),
+        int(counters.get("iotlb_misses", 0)),
+        int(counters.get("iotlb_evictions", 0)),
+    )
 
 
 def batch_translator(unit: DmaRemapper) -> BatchTranslator:
