@@ -107,7 +107,10 @@ def py_insert_pages(tree: PyRadix, pages: int, mfn_base: int = MFN_BASE) -> None
 
 
 def numpy_fill(out: npt.NDArray[np.uint64], mfn_base: int = MFN_BASE, leaf_bits: int = LEAF_BITS) -> None:
-    """Fill ``out`` with the leaves of device frames ``0 .. len(out)-1`` (the bulk-map floor)."""
-    np.copyto(out, np.arange(mfn_base, mfn_base + out.size, dtype=np.uint64))
-    np.left_shift(out, np.uint64(12), out=out)
-    np.bitwise_or(out, np.uint64(leaf_bits), out=out)
+    """Fill ``out`` with the leaves of device frames ``0 .. len(out)-1`` (the bulk-map floor).
+
+    One ``np.arange`` stepping a page at a time from the first leaf gives every leaf (the flag bits do not
+    overlap the address, so adding them is OR-ing them), and one copy puts it in place.
+    """
+    first = (mfn_base << 12) + leaf_bits
+    np.copyto(out, np.arange(first, first + (out.size << 12), 1 << 12, dtype=np.uint64))
