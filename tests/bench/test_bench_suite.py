@@ -115,11 +115,11 @@ def test_report_prints_figures_beside_baselines(toy_result: BenchResult) -> None
 
 def test_subjects_follow_the_architecture() -> None:
     # x86 shape: a PV guest owns the frames and has the device; device frame == machine frame
-    s = make_subject(build_toy_platform, "toy", 64, superpages=False)
+    s = make_subject(build_toy_platform, "toy", 64, superpages=())
     assert not s.domain.is_hardware and s.device.owner is s.domain
     assert s.dfn.value == s.mfn.value and s.mfn.value % (1 << 18) == 0
     # ARM shape: the direct-mapped hardware domain keeps the device and maps frame == frame
-    a = make_subject(build_direct_mapped_toy, "toy", 64, superpages=False)
+    a = make_subject(build_direct_mapped_toy, "toy", 64, superpages=())
     assert a.domain.is_hardware and a.device.owner is a.domain and a.dfn.value == a.mfn.value
     for subj in (s, a):
         subj.map_all()
@@ -129,7 +129,7 @@ def test_subjects_follow_the_architecture() -> None:
 
 
 def test_hwdom_memory_starts_aligned() -> None:
-    p = hwdom_platform(build_toy_platform, "toy", 512, superpages=True)
+    p = hwdom_platform(build_toy_platform, "toy", 512, superpages=(21,))
     d = p.create_hardware_domain(512 << 12)
     assert d.extents[0].mfn.value % (1 << 18) == 0
 

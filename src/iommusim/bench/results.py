@@ -65,10 +65,10 @@ FIGURES: dict[str, FigureSpec] = {
         FigureSpec("unmap-page", "per-page", "per-page unmap + flush", "page", ("py-insert", "c-map")),
         FigureSpec("bulk-map-nosp", "bulk", "bulk map, no superpages", "page", ("c-map", "np-fill")),
         FigureSpec("bulk-unmap-nosp", "bulk", "bulk unmap, no superpages", "page", ("c-map", "np-fill")),
-        FigureSpec("bulk-map-sp", "bulk", "bulk map, superpages allowed", "page", ("c-map", "np-fill")),
-        FigureSpec("bulk-unmap-sp", "bulk", "bulk unmap, superpages allowed", "page", ("c-map", "np-fill")),
+        FigureSpec("bulk-map-sp", "bulk", "bulk map, 2M/1G superpages allowed", "page", ("c-map", "np-fill")),
+        FigureSpec("bulk-unmap-sp", "bulk", "bulk unmap, 2M/1G superpages allowed", "page", ("c-map", "np-fill")),
         FigureSpec("hwdom-nosp", "hwdom", "hwdom set-up, no superpages", "page", ("c-map",)),
-        FigureSpec("hwdom-sp", "hwdom", "hwdom set-up, superpages allowed", "page", ("c-map",)),
+        FigureSpec("hwdom-sp", "hwdom", "hwdom set-up, 2 MiB superpages allowed", "page", ("c-map",)),
         FigureSpec(
             "translate-bypass", "translate", "batched translation, IOTLB bypassed", "address", ("c-walk", "py-walk")
         ),

@@ -45,10 +45,10 @@ def bench(
     driver's own flush.
 
     (2) bulk: bulk-map-nosp, bulk-unmap-nosp, bulk-map-sp, bulk-unmap-sp: map and unmap of the whole range
-    in one call and one flush, superpages forbidden (nosp) and allowed (sp).
+    in one call and one flush, superpages forbidden (nosp) and 2 MiB and 1 GiB ones allowed (sp).
 
     (3) hwdom: hwdom-nosp, hwdom-sp: set-up of a hardware domain of that many pages (strict mode: only its
-    own pages are mapped).
+    own pages are mapped), superpages forbidden (nosp) and 2 MiB ones allowed (sp).
 
     (4) translate: translate-bypass, translate-iotlb: batched translation of that many random addresses,
     bypassing the IOTLB and through it (cold at the start of each run).
