@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from doubles import ToyDriver, ToyFormat
-from iommusim.errors import DmaFault
+from iommusim.errors import AlreadyExists, DmaFault
 from iommusim.frames import Dfn
 from iommusim.hw.base import Translation
 from iommusim.hw.iotlb import Iotlb, IotlbEntry
@@ -103,6 +103,10 @@ class BenchToyDriver(ToyDriver):
             self._program(dev.owner, dev)
 
     def assign_device(self, d: Domain, devfn: int, dev: PciDevice, flag: int) -> None:
+        assert self.unit is not None
+        root = self.table(d).root
+        if root is not None and self.unit.contexts.get(dev.sbdf.bdf) == (root.value, d.domid):
+            raise AlreadyExists(f"{dev.sbdf} is already attached to {d}")  # as the SMMU driver says
         super().assign_device(d, devfn, dev, flag)
         if devfn == dev.sbdf.devfn:
             self._program(d, dev)
@@ -130,12 +134,23 @@ class BenchToyDriver(ToyDriver):
 
 
 def build_toy_platform(
-    spec: HardwareSpec, config: IommuConfig, devices: Sequence[PciDevice], *, direct_mapped: bool = False
+    spec: HardwareSpec,
+    config: IommuConfig,
+    devices: Sequence[PciDevice],
+    *,
+    direct_mapped: bool = False,
+    add_device: bool = True,
 ) -> Platform:
-    """A vendor builder's shape: machine, devices, unit, routes, driver, generic layer set up."""
+    """A vendor builder's shape: machine, devices, unit, routes, driver, generic layer set up.
+
+    ``direct_mapped`` gives the ARM shape (a direct-mapped hardware domain); without ``add_device`` the
+    hardware domain's devices are not attached until assigned, as on ARM, where there is no such op.
+    """
     machine = Machine(ram_bytes=spec.ram_bytes, address_width=spec.address_width)
     unit = ToyUnit(machine.memory, iotlb_entries=spec.iotlb_entries)
     driver = BenchToyDriver(unit=unit)
+    if not add_device:
+        driver.provided = driver.provided - {"add_device"}
     for dev in devices:
         machine.add_pci_device(dev)
         machine.dma.route(dev, unit, dev.sbdf.bdf)
@@ -151,4 +166,10 @@ def build_toy_platform(
 
 
 def build_direct_mapped_toy(spec: HardwareSpec, config: IommuConfig, devices: Sequence[PciDevice]) -> Platform:
+    """The ARM shape: a direct-mapped hardware domain, devices attached only when assigned."""
+    return build_toy_platform(spec, config, devices, direct_mapped=True, add_device=False)
+
+
+def build_direct_mapped_toy_attached(spec: HardwareSpec, config: IommuConfig, devices: Sequence[PciDevice]) -> Platform:
+    """The ARM shape with a driver that attaches the hardware domain's devices when they are added."""
     return build_toy_platform(spec, config, devices, direct_mapped=True)

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
-from bench_doubles import build_direct_mapped_toy, build_toy_platform
+from bench_doubles import build_direct_mapped_toy, build_direct_mapped_toy_attached, build_toy_platform
 from rich.console import Console
 from typer.testing import CliRunner
 
@@ -118,10 +118,12 @@ def test_subjects_follow_the_architecture() -> None:
     s = make_subject(build_toy_platform, "toy", 64, superpages=())
     assert not s.domain.is_hardware and s.device.owner is s.domain
     assert s.dfn.value == s.mfn.value and s.mfn.value % (1 << 18) == 0
-    # ARM shape: the direct-mapped hardware domain keeps the device and maps frame == frame
+    # ARM shape: the direct-mapped hardware domain keeps the device and maps frame == frame; the device
+    # is attached to its context by an assignment (no add_device op), or already was (EEXIST is fine)
     a = make_subject(build_direct_mapped_toy, "toy", 64, superpages=())
     assert a.domain.is_hardware and a.device.owner is a.domain and a.dfn.value == a.mfn.value
-    for subj in (s, a):
+    b = make_subject(build_direct_mapped_toy_attached, "toy", 64, superpages=())
+    for subj in (s, a, b):
         subj.map_all()
         dma = subj.platform.machine.dma
         dma.write(subj.device, Daddr((subj.dfn.value + 5) << 12), b"bench")

@@ -87,6 +87,8 @@ def _figure_lines(result: BenchResult, v: VendorResult, out: Console) -> None:
         extra = ""
         if "hit_rate" in m.extra:
             extra = f", IOTLB hit rate {m.extra['hit_rate']:.1%}"
+        if m.extra.get("faults") or m.extra.get("wrong"):
+            extra += f", [red]{m.extra.get('faults', 0):.0f} faults, {m.extra.get('wrong', 0):.0f} wrong[/]"
         if m.extra.get("iotlb_bypassed") == 0.0 and key == "translate-bypass":
             extra += ", [yellow]IOTLB not bypassed (reference path)[/]"
         against = " = " + ", ".join(ratios) if ratios else " (no baseline at this size)"

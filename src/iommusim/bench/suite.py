@@ -7,8 +7,9 @@ no run profits from tables or cache contents an earlier one left behind.  The do
 
 * x86 (the hardware domain is not direct-mapped): a PV guest that owns the frames and has the bench device
   assigned, mapping device frame == machine frame;
-* ARM (the hardware domain is direct-mapped): the hardware domain itself, which keeps the device, mapping
-  device frame == machine frame, the only map Xen's SMMU driver accepts.
+* ARM (the hardware domain is direct-mapped): the hardware domain itself, which keeps the device (attached
+  to its context as Xen's dom0 builder does), mapping device frame == machine frame, the only map Xen's
+  SMMU driver accepts.
 
 The mapped frames start 1 GiB-aligned (as Xen's buddy allocator gives large aligned chunks), so that the
 figures with superpages allowed can use them; ``HardwareSpec(superpages=())`` forbids them.
@@ -16,6 +17,7 @@ figures with superpages allowed can use them; ``HardwareSpec(superpages=())`` fo
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import platform as host
@@ -34,7 +36,7 @@ from iommusim.bench.baseline_py import PyRadix, numpy_fill, py_insert_pages
 from iommusim.bench.results import BASELINES, FIGURES, GROUPS, BenchResult, Figure, MemoryRow, VendorResult
 from iommusim.bench.timing import Measurement, measure, rss_bytes
 from iommusim.bench.workloads import LEAF_BITS, MFN_BASE, dma_trace, random_daddrs
-from iommusim.errors import InvalidArgument
+from iommusim.errors import AlreadyExists, InvalidArgument
 from iommusim.frames import Dfn, Mfn
 from iommusim.hw.batch import BatchResult, BatchTranslator, ReferenceBatch, ReplayStats, batch_translator
 from iommusim.iommu.config import IommuConfig
@@ -208,12 +210,20 @@ def make_subject(factory: PlatformFactory, vendor: str, pages: int, *, superpage
     alloc = p.machine.allocator
     if p.hwdom_direct_mapped:
         d = hwdom
+        _attach_to_hardware_domain(p, hwdom, dev)
         mfn = alloc.alloc_domain(d.domid, pages, align_order=18)
     else:
         d = p.create_guest(GUEST_DOMID, 0, kind=DomainKind.PV)
         mfn = alloc.alloc_domain(GUEST_DOMID, pages, align_order=18)
         p.iommu.assign_device(d, dev)
     return Subject(p, d, dev, Dfn(mfn.value), mfn, pages)
+
+
+def _attach_to_hardware_domain(p: Platform, hwdom: Domain, dev: PciDevice) -> None:
+    """Attach the device to the hardware domain's context, as Xen's ARM dom0 builder does for every device
+    the device tree gives dom0 (there is no add_device op on ARM); a driver that already did it says EEXIST."""
+    with contextlib.suppress(AlreadyExists):
+        p.iommu.assign_device(hwdom, dev)
 
 
 def hwdom_platform(factory: PlatformFactory, vendor: str, pages: int, *, superpages: tuple[int, ...]) -> Platform:
