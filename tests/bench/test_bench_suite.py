@@ -16,7 +16,8 @@ from typer.testing import CliRunner
 
 from iommusim.bench import FIGURES, TARGETS, BenchOptions, BenchResult, make_options, parse_sizes, render, run_vendor
 from iommusim.bench.baseline_c import find_compiler
-from iommusim.bench.suite import hwdom_platform, ideal_tables, make_subject, run_benchmarks
+from iommusim.bench.subjects import hwdom_platform, make_subject
+from iommusim.bench.suite import ideal_tables, run_benchmarks
 from iommusim.cli.app import app
 from iommusim.errors import InvalidArgument, NotSupported
 from iommusim.frames import Daddr, Maddr

@@ -6,20 +6,11 @@ vendor's figures through a ``Platform`` factory; ``render`` prints them as ratio
 front ends to these.
 """
 
+from iommusim.bench.options import DEFAULT_SIZES, QUICK_SIZES, BenchOptions, make_options, parse_sizes
 from iommusim.bench.report import render
 from iommusim.bench.results import FIGURES, GROUPS, TARGETS, BenchResult, VendorResult
-from iommusim.bench.suite import (
-    DEFAULT_SIZES,
-    QUICK_SIZES,
-    BenchOptions,
-    PlatformFactory,
-    Subject,
-    make_options,
-    make_subject,
-    parse_sizes,
-    run_benchmarks,
-    run_vendor,
-)
+from iommusim.bench.subjects import PlatformFactory, Subject, make_subject
+from iommusim.bench.suite import run_benchmarks, run_vendor
 from iommusim.bench.timing import Measurement, measure, measure_call
 
 __all__ = [

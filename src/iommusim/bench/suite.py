@@ -1,30 +1,18 @@
-"""The benchmark definitions: the baselines, and each vendor's figures through a ``Platform`` factory.
+"""The benchmark runs: the baselines, then each vendor's figures on fresh subjects, into a ``BenchResult``.
 
-A vendor's figures are measured on platforms the factory builds (by default ``build_platform`` for an
-installed vendor; tests pass a double).  Every timed run gets a fresh platform in its untimed set-up, so
-no run profits from tables or cache contents an earlier one left behind.  The domain the mappings go to
-(the *subject*) is chosen the way Xen allows it on the architecture:
-
-* x86 (the hardware domain is not direct-mapped): a PV guest that owns the frames and has the bench device
-  assigned, mapping device frame == machine frame;
-* ARM (the hardware domain is direct-mapped): the hardware domain itself, which keeps the device (attached
-  to its context as Xen's dom0 builder does), mapping device frame == machine frame, the only map Xen's
-  SMMU driver accepts.
-
-The mapped frames start 1 GiB-aligned (as Xen's buddy allocator gives large aligned chunks), so that the
-figures with superpages allowed can use them; ``HardwareSpec(superpages=())`` forbids them.
+Every timed run of a vendor figure gets a fresh platform in its untimed set-up (``subjects``), so no run
+profits from tables or cache contents an earlier one left behind.
 """
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import os
 import platform as host
 import sys
 import time
 import tracemalloc
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TypeVar
 
@@ -33,208 +21,30 @@ import numpy.typing as npt
 
 from iommusim.bench.baseline_c import CBaselineUnavailable, run_c_baseline
 from iommusim.bench.baseline_py import PyRadix, numpy_fill, py_insert_pages
-from iommusim.bench.results import BASELINES, FIGURES, GROUPS, BenchResult, Figure, MemoryRow, VendorResult
-from iommusim.bench.timing import Measurement, measure, rss_bytes
+from iommusim.bench.options import BenchOptions
+from iommusim.bench.results import BASELINES, FIGURES, BenchResult, Figure, MemoryRow, VendorResult
+from iommusim.bench.subjects import (
+    NO_SUPERPAGES,
+    SUPERPAGES_2M,
+    SUPERPAGES_ALL,
+    PlatformFactory,
+    Subject,
+    default_factory,
+    hwdom_platform,
+    make_subject,
+)
+from iommusim.bench.timing import Measurement, rss_bytes
 from iommusim.bench.workloads import LEAF_BITS, MFN_BASE, dma_trace, random_daddrs
-from iommusim.errors import AlreadyExists, InvalidArgument
+from iommusim.errors import InvalidArgument
 from iommusim.frames import Dfn, Mfn
 from iommusim.hw.batch import BatchResult, BatchTranslator, ReferenceBatch, ReplayStats, batch_translator
-from iommusim.iommu.config import IommuConfig
-from iommusim.machine.domain import Domain, DomainKind
-from iommusim.machine.pages import DOMID_XEN
-from iommusim.machine.pci import PciDevice, PciDevType, Sbdf
 from iommusim.perms import Perm
-from iommusim.platform import VENDORS, HardwareSpec, Platform, available_vendors, build_platform
+from iommusim.platform import VENDORS, Platform, available_vendors
 
-__all__ = [
-    "DEFAULT_SIZES",
-    "QUICK_SIZES",
-    "BenchOptions",
-    "PlatformFactory",
-    "Subject",
-    "default_factory",
-    "make_options",
-    "make_subject",
-    "parse_sizes",
-    "run_baselines",
-    "run_benchmarks",
-    "run_vendor",
-]
+__all__ = ["ideal_tables", "machine_info", "run_baselines", "run_benchmarks", "run_vendor"]
 
-PlatformFactory = Callable[[HardwareSpec, IommuConfig, Sequence[PciDevice]], Platform]
 S = TypeVar("S")
 Progress = Callable[[str], None]
-
-DEFAULT_SIZES: tuple[int, ...] = (1 << 14, 1 << 16, 1 << 18, 1 << 20)
-QUICK_SIZES: tuple[int, ...] = (1 << 8, 1 << 10)
-
-BENCH_DEVICE = "0000:03:00.0"
-GUEST_DOMID = 1
-#: Memory of the hardware domain that owns the bench device before it is assigned (kept small: its set-up
-#: is not what these figures measure).
-SUBJECT_HWDOM_BYTES = 4 << 20
-#: The hardware domain gets only its own pages mapped: strict (no 1:1 map of all RAM), and neither the
-#: PV "inclusive" map of every non-RAM frame below 4 GiB nor the reserved regions, which would add up to a
-#: million pages that have nothing to do with the size being measured.
-BENCH_CONFIG = IommuConfig(hwdom_strict=True, hwdom_inclusive=False, hwdom_reserved=False)
-_GIB_FRAMES = 1 << 18
-
-
-def default_factory(spec: HardwareSpec, config: IommuConfig, devices: Sequence[PciDevice]) -> Platform:
-    return build_platform(spec, config=config, devices=devices)
-
-
-@dataclass(frozen=True)
-class BenchOptions:
-    sizes: tuple[int, ...] = DEFAULT_SIZES
-    repeats: int = 5
-    warmup: int = 1
-    #: Stop repeating a figure at one size once it has taken this long (after at least three runs).
-    budget_s: float | None = 30.0
-    #: Figure keys or group names to measure (empty: all); baselines are always measured.
-    only: frozenset[str] = frozenset()
-    #: Vendors to measure (None: every registered one).
-    vendors: tuple[str, ...] | None = None
-
-    def __post_init__(self) -> None:
-        if not self.sizes or any(n < 1 for n in self.sizes):
-            raise InvalidArgument("benchmark sizes are positive page counts")
-        if self.repeats < 1:
-            raise InvalidArgument("at least one repeat")
-        unknown = set(self.only) - set(FIGURES) - set(GROUPS)
-        if unknown:
-            names = ", ".join(sorted(set(FIGURES) | set(GROUPS)))
-            raise InvalidArgument(f"unknown benchmark {', '.join(sorted(unknown))}; choose from {names}")
-
-    def wants(self, key: str) -> bool:
-        if not self.only:
-            return True
-        group = FIGURES[key].group if key in FIGURES else key
-        return key in self.only or group in self.only
-
-    @property
-    def vendor_figures_wanted(self) -> bool:
-        return not self.only or bool(self.only - {"baselines"})
-
-    def timing(self) -> dict[str, object]:
-        return {"repeats": self.repeats, "warmup": self.warmup, "budget_s": self.budget_s}
-
-    def time(self, name: str, run: Callable[[S], object], setup: Callable[[], S], items: int) -> Measurement:
-        """``measure`` with these options' repeats, warm-up and budget."""
-        return measure(name, run, setup, items=items, repeats=self.repeats, warmup=self.warmup, budget_s=self.budget_s)
-
-
-_MAX_EXPONENT = 30
-
-
-def parse_sizes(text: str) -> tuple[int, ...]:
-    """``"14,16,18"`` (or ``"2^14 2^16"``) -> (2**14, 2**16, 2**18): sizes are powers of two."""
-    out: set[int] = set()
-    for word in filter(None, (w.strip() for w in text.replace(" ", ",").split(","))):
-        exp = word.removeprefix("2^")
-        if not exp.isdigit() or int(exp) > _MAX_EXPONENT:
-            raise InvalidArgument(f"{word!r} is not a power-of-two exponent from 0 to {_MAX_EXPONENT}")
-        out.add(1 << int(exp))
-    if not out:
-        raise InvalidArgument("give at least one size, e.g. 14,16")
-    return tuple(sorted(out))
-
-
-def make_options(
-    *,
-    quick: bool = False,
-    sizes: str | None = None,
-    repeats: int | None = None,
-    only: Sequence[str] = (),
-    vendors: Sequence[str] | None = None,
-) -> BenchOptions:
-    """Options as the front ends take them: ``quick`` means tiny sizes, 3 repeats and a short budget."""
-    names = frozenset(w.strip() for item in only for w in item.split(",") if w.strip())
-    return BenchOptions(
-        sizes=parse_sizes(sizes) if sizes else (QUICK_SIZES if quick else DEFAULT_SIZES),
-        repeats=repeats or (3 if quick else 5),
-        budget_s=5.0 if quick else 30.0,
-        only=names,
-        vendors=tuple(vendors) if vendors else None,
-    )
-
-
-# -- platforms and subjects ----------------------------------------------------------------------------------
-
-
-def ram_for(pages: int) -> int:
-    """Machine RAM for a bench of ``pages`` pages: 1 GiB of low memory, the pages, room for tables."""
-    need = (1 << 30) + (pages << 12) + (512 << 20)
-    return (need + (1 << 30) - 1) & ~((1 << 30) - 1)
-
-
-#: Leaf sizes beyond 4 KiB the hardware spec allows (page shifts): none, 2 MiB only, 2 MiB and 1 GiB.
-NO_SUPERPAGES: tuple[int, ...] = ()
-SUPERPAGES_2M: tuple[int, ...] = (21,)
-SUPERPAGES_ALL: tuple[int, ...] = (21, 30)
-
-
-def bench_spec(vendor: str, pages: int, *, superpages: tuple[int, ...]) -> HardwareSpec:
-    return HardwareSpec(vendor=vendor, ram_bytes=ram_for(pages), superpages=superpages, iotlb_entries=1024)
-
-
-def bench_device() -> PciDevice:
-    return PciDevice(Sbdf.parse(BENCH_DEVICE), PciDevType.PCIE_ENDPOINT)
-
-
-@dataclass
-class Subject:
-    """A platform with a domain ready to receive ``pages`` mappings from ``dfn`` to ``mfn`` onwards."""
-
-    platform: Platform
-    domain: Domain
-    device: PciDevice
-    dfn: Dfn
-    mfn: Mfn
-    pages: int
-
-    def map_all(self) -> None:
-        self.platform.iommu.map(self.domain, self.dfn, self.mfn, self.pages, Perm.RW)
-
-    def expected_maddrs(self, daddrs: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
-        """What the mapping of this subject (a constant frame offset) translates ``daddrs`` to."""
-        delta = (self.mfn.value - self.dfn.value) << 12
-        out: npt.NDArray[np.uint64] = (daddrs.astype(np.int64) + np.int64(delta)).astype(np.uint64)
-        return out
-
-
-def make_subject(factory: PlatformFactory, vendor: str, pages: int, *, superpages: tuple[int, ...]) -> Subject:
-    p = factory(bench_spec(vendor, pages, superpages=superpages), BENCH_CONFIG, [bench_device()])
-    hwdom = p.create_hardware_domain(SUBJECT_HWDOM_BYTES)
-    dev = p.device(BENCH_DEVICE)
-    alloc = p.machine.allocator
-    if p.hwdom_direct_mapped:
-        d = hwdom
-        _attach_to_hardware_domain(p, hwdom, dev)
-        mfn = alloc.alloc_domain(d.domid, pages, align_order=18)
-    else:
-        d = p.create_guest(GUEST_DOMID, 0, kind=DomainKind.PV)
-        mfn = alloc.alloc_domain(GUEST_DOMID, pages, align_order=18)
-        p.iommu.assign_device(d, dev)
-    return Subject(p, d, dev, Dfn(mfn.value), mfn, pages)
-
-
-def _attach_to_hardware_domain(p: Platform, hwdom: Domain, dev: PciDevice) -> None:
-    """Attach the device to the hardware domain's context, as Xen's ARM dom0 builder does for every device
-    the device tree gives dom0 (there is no add_device op on ARM); a driver that already did it says EEXIST."""
-    with contextlib.suppress(AlreadyExists):
-        p.iommu.assign_device(hwdom, dev)
-
-
-def hwdom_platform(factory: PlatformFactory, vendor: str, pages: int, *, superpages: tuple[int, ...]) -> Platform:
-    """A platform whose next domain memory starts 1 GiB-aligned (low frames given to Xen as padding)."""
-    p = factory(bench_spec(vendor, pages, superpages=superpages), BENCH_CONFIG, [bench_device()])
-    alloc = p.machine.allocator
-    probe = alloc.alloc_domain(DOMID_XEN, 1)
-    pad = (-(probe.value + 1)) % _GIB_FRAMES
-    if pad:
-        alloc.alloc_domain(DOMID_XEN, pad)
-    return p
 
 
 # -- baselines ---------------------------------------------------------------------------------------------------
