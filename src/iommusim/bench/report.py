@@ -39,11 +39,15 @@ def _growth_table(title: str, figures: list[Figure], sizes: tuple[int, ...]) -> 
     t.add_column("per item")
     for n in sizes:
         t.add_column(format_size(n), justify="right")
-    t.add_column(f"{format_size(sizes[-1])} / {format_size(sizes[0])}", justify="right")
+    growing = len(sizes) > 1
+    if growing:
+        t.add_column(f"{format_size(sizes[-1])} / {format_size(sizes[0])}", justify="right")
     for fig in figures:
-        first, last = fig.by_size.get(sizes[0]), fig.by_size.get(sizes[-1])
-        growth = f"{last.per_item_ns / first.per_item_ns:.2f}x" if first and last and len(sizes) > 1 else "-"
-        t.add_row(f"{fig.title} (per {fig.unit})", *(_per_item(fig, n) for n in sizes), growth)
+        cells = [_per_item(fig, n) for n in sizes]
+        if growing:
+            first, last = fig.by_size.get(sizes[0]), fig.by_size.get(sizes[-1])
+            cells.append(f"{last.per_item_ns / first.per_item_ns:.2f}x" if first and last else "-")
+        t.add_row(f"{fig.title} (per {fig.unit})", *cells)
     return t
 
 
