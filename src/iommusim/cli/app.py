@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from iommusim import __version__
+from iommusim.cli import bench_cmd
 
 app = typer.Typer(
     name="iommusim",
@@ -36,6 +37,9 @@ def demo(
     from iommusim.cli.demo import run_demo
 
     raise typer.Exit(run_demo(vendor or None))
+
+
+app.command("bench")(bench_cmd.bench)
 
 
 def main() -> None:
