@@ -7,7 +7,7 @@ from collections import Counter
 import pytest
 
 from iommusim.errors import OutOfMemory
-from iommusim.hw.vtd.caches import AtsEntry, DeviceTlb
+from iommusim.hw.vtd.caches import AtsEntry, ContextCache, CtxInfo, DeviceTlb
 from iommusim.iommu import Iommu
 from iommusim.machine import Domain, DomainKind, Machine, PageType
 from iommusim.perms import Perm
@@ -58,4 +58,14 @@ def test_device_tlb_entries_are_listed_per_source_id() -> None:
     assert tlb.entries() == [
         (0x100, 0x5000, AtsEntry(0x9000, 12, Perm.RW)),
         (0x300, 0x20_0000, AtsEntry(0x7_0000_0000, 21, Perm.R)),
+    ]
+
+
+def test_context_cache_entries_are_listed() -> None:
+    cache = ContextCache(4, Counter())
+    cache.put(0x300, CtxInfo(True, did=1, slptptr=0x5000, levels=4, width=48))
+    cache.put(0x10, CtxInfo(False))
+    assert cache.entries() == [
+        (0x300, CtxInfo(True, did=1, slptptr=0x5000, levels=4, width=48)),
+        (0x10, CtxInfo(False)),
     ]

@@ -62,6 +62,10 @@ class ContextCache:
             self._c.pop(s)
         return len(victims)
 
+    def entries(self) -> list[tuple[int, CtxInfo]]:
+        """Every cached context as (source id, context), least recently used first; for inspection tools."""
+        return self._c.items()
+
     def __len__(self) -> int:
         return len(self._c)
 
