@@ -38,5 +38,10 @@ def demo(
     raise typer.Exit(run_demo(vendor or None))
 
 
+from iommusim.cli.tools_cmds import register_tools  # noqa: E402 - the commands need ``app`` first
+
+register_tools(app)
+
+
 def main() -> None:
     app()
