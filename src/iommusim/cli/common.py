@@ -53,7 +53,7 @@ def user_errors(*, image: bool = False) -> Iterator[None]:
     try:
         yield
     except ScenarioError as exc:
-        raise fail(Exit.USAGE, str(exc)) from None
+        raise fail(Exit.USAGE, exc.message) from None
     except (ImageError, TableWalkError) as exc:
         raise fail(Exit.IMAGE, exc.message) from None
     except BadAddress as exc:

@@ -196,6 +196,7 @@ _PV = v.per_vendor
 _DOMAIN = v.integer(0, 0x7FEF)
 _COUNT = v.integer(1, 1 << 30)
 _ADDR = v.integer(0)
+_DFN = v.frame  # a number, or "d1:0x10": the Dfn equal to that machine frame (identity maps)
 _EXPECT_ERROR = _PV(v.text)
 _COMMON: dict[str, Callable[[Any], Any]] = {
     "do": v.text,
@@ -239,7 +240,7 @@ STEP_KINDS: dict[str, StepKind] = {
     "dma-read": StepKind(
         {
             "device": v.sbdf,
-            "dfn": _ADDR,
+            "dfn": _DFN,
             "gfn": _ADDR,
             "daddr": _ADDR,
             "offset": v.integer(0, 4095),
@@ -257,7 +258,7 @@ STEP_KINDS: dict[str, StepKind] = {
     "dma-write": StepKind(
         {
             "device": v.sbdf,
-            "dfn": _ADDR,
+            "dfn": _DFN,
             "gfn": _ADDR,
             "daddr": _ADDR,
             "offset": v.integer(0, 4095),
@@ -316,7 +317,13 @@ STEP_KINDS: dict[str, StepKind] = {
         "starts with it); clear = true stops failing",
     ),
     "expect-counter": StepKind(
-        {"counter": v.text, "unit": v.text, "min": v.integer(0), "max": v.integer(0), "equals": v.integer(0)},
+        {
+            "counter": _PV(v.text),
+            "unit": v.text,
+            "min": _PV(v.integer(0)),
+            "max": _PV(v.integer(0)),
+            "equals": _PV(v.integer(0)),
+        },
         ("counter",),
         (),
         "a hardware counter (summed over units unless unit is given) within bounds",
@@ -324,7 +331,7 @@ STEP_KINDS: dict[str, StepKind] = {
     "expect-mapping": StepKind(
         {
             "domain": _DOMAIN,
-            "dfn": _ADDR,
+            "dfn": _DFN,
             "gfn": _ADDR,
             "expect_mfn": _PV(lambda x: None if x == "none" else v.frame(x)),
             "expect_perms": _PV(v.perms),
@@ -663,7 +670,7 @@ class _Loader:
                 self.say(s.line, w, "expect_crashed needs the step's domain")
             if s.do == "create" and s.args.get("domain") not in later:
                 self.say(s.line, w, "only a domain declared with create = false can be created by a step")
-            for key in ("mfn", "expect_in", "expect_mfn"):
+            for key in ("mfn", "expect_in", "expect_mfn", "dfn"):
                 ref = s.args.get(key)
                 refs = ref.values.values() if isinstance(ref, PerVendor) else [ref]
                 for r in refs:

@@ -319,9 +319,9 @@ class ScenarioRunner:
             return self._frame_of(self._domain(ref.domid), ref.gfn)
         return Mfn(ref)
 
-    @staticmethod
-    def _dfn(step: Step) -> int:
-        return int(step.args["dfn"] if "dfn" in step.args else step.args["gfn"])
+    def _dfn(self, step: Step) -> int:
+        value = step.args["dfn"] if "dfn" in step.args else step.args["gfn"]
+        return self._mfn(value).value if isinstance(value, FrameRef) else int(value)
 
     def _count(self, step: Step) -> int:
         if "order" in step.args:
@@ -601,7 +601,7 @@ class ScenarioRunner:
             alloc.fail_nth(nth, owner_prefix=owner)
 
     def _do_expect_counter(self, step: Step, rec: StepRecord) -> None:
-        name = str(step.args["counter"])
+        name = str(step.get("counter", self.vendor))
         unit = step.args.get("unit")
         counters = self.platform.counters()
         if unit is not None and unit not in counters:
@@ -610,7 +610,7 @@ class ScenarioRunner:
         rec.summary = f"counter {name}" + (f" of {unit}" if unit else "")
         rec.result["value"] = value
         rec.message = f"{name} = {value}"
-        lo, hi, eq = step.args.get("min"), step.args.get("max"), step.args.get("equals")
+        lo, hi, eq = (step.get(k, self.vendor) for k in ("min", "max", "equals"))
         if (lo is not None and value < lo) or (hi is not None and value > hi) or (eq is not None and value != eq):
             bounds = ", ".join(f"{k} {x}" for k, x in (("min", lo), ("max", hi), ("equals", eq)) if x is not None)
             raise StepFailed(f"expected {name} with {bounds}, it is {value}")
