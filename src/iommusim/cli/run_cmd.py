@@ -17,15 +17,6 @@ from iommusim.tools.vendors import VENDOR_TITLES
 
 __all__ = ["run_command"]
 
-_EXAMPLES = """
-Examples:
-
-  iommusim run --list                      the example scenarios shipped with iommusim
-  iommusim run stale-window                an example, by name, on every vendor it applies to
-  iommusim run my.toml --vendor vtd        a file of your own, on one vendor
-  iommusim run my.toml --until before-flush --json trace.json
-"""
-
 
 def _list() -> None:
     out = console()
@@ -40,11 +31,11 @@ def _list() -> None:
 
 
 def run_command(
-    scenario: str = typer.Argument(None, help="A scenario file, or the name of an example (see --list)."),
+    scenario: str | None = typer.Argument(None, help="A scenario file, or the name of an example (see --list)."),
     vendor: str = typer.Option(
         None, "--vendor", "-v", help="Run on this vendor only (default: every one it applies to)."
     ),
-    until: str = typer.Option(None, "--until", "-u", help="Stop after this step (its number or its name)."),
+    until: str | None = typer.Option(None, "--until", "-u", help="Stop after this step (its number or its name)."),
     json_path: Path = typer.Option(
         None, "--json", help="Write a machine-readable trace of every step here ('-': stdout)."
     ),
@@ -61,6 +52,13 @@ def run_command(
 
     Exit status: 0 when every expectation held on every vendor, 1 when one did not, 2 when the file is
     malformed or asks for a vendor that is not installed.
+
+    Examples:
+
+      iommusim run --list                      the example scenarios shipped with iommusim
+      iommusim run stale-window                an example, by name, on every vendor it applies to
+      iommusim run my.toml --vendor vtd        a file of your own, on one vendor
+      iommusim run my.toml --until before-flush --json trace.json
     """
     if list_examples:
         with user_errors():

@@ -48,9 +48,10 @@ from iommusim.errors import BadAddress
 from iommusim.frames import Gfn, Mfn
 from iommusim.machine.p2m import P2mType
 from iommusim.machine.pages import DOMID_INVALID, DOMID_XEN, E820Type
-from iommusim.pagetable.walk import walk_tables
+from iommusim.pagetable.walk import FrameReader, walk_tables
 from iommusim.perms import Perm
-from iommusim.tools.tables import MappingIndex, TableRoot, table_frames, table_mappings
+from iommusim.tools.decode import DecodeResult
+from iommusim.tools.tables import DEFAULT_MAX_TABLES, MappingIndex, TableRoot, table_frames, table_mappings
 from iommusim.tools.vendors import CachedTranslation, ContextMode, DeviceContext, VendorTools, vendor_tools
 
 if TYPE_CHECKING:
@@ -58,7 +59,16 @@ if TYPE_CHECKING:
     from iommusim.machine.pci import PciDevice
     from iommusim.platform import Platform
 
-__all__ = ["CacheState", "CheckReport", "Grant", "StaleWindow", "Violation", "cache_states", "check"]
+__all__ = [
+    "CacheState",
+    "CheckReport",
+    "Grant",
+    "StaleWindow",
+    "Violation",
+    "cache_states",
+    "check",
+    "check_image",
+]
 
 _GRANT_TYPES = {P2mType.GRANT_MAP_RW: Perm.RW, P2mType.GRANT_MAP_RO: Perm.R, P2mType.MAP_FOREIGN: Perm.RW}
 _OWNER_RE = re.compile(r"^d(\d+):")
@@ -604,3 +614,58 @@ def check(
         c.tables()
     c.report.stats = dict(c.stats)
     return c.report
+
+
+def check_image(result: DecodeResult, reader: FrameReader, *, max_tables: int = DEFAULT_MAX_TABLES) -> CheckReport:
+    """What can be checked in a memory image without knowing who owns its pages.
+
+    Every problem the decoder met is a ``corrupt-table`` violation; a table page reachable from two
+    address spaces that are not the same domain (different roots) is ``shared-table``; a translation that
+    reaches any table page of the image is an ``escape`` (a device that can write tables can map itself
+    anything).
+    """
+    report = CheckReport()
+    for p in result.all_problems:
+        report.violations.append(Violation("corrupt-table", p))
+    owners: defaultdict[int, set[str]] = defaultdict(set)
+    roots: dict[str, int] = {}
+    for space in result.spaces:
+        if space.tables is None:
+            continue
+        roots[space.label] = space.tables.root_mfn
+        try:
+            for f in table_frames(reader, space.tables, max_tables=max_tables):
+                owners[f].add(space.label)
+        except BadAddress as exc:
+            report.violations.append(Violation("corrupt-table", f"{space.label}: {exc.message}"))
+    for f, labels in sorted(owners.items()):
+        if len({roots[x] for x in labels}) > 1:
+            report.violations.append(
+                Violation(
+                    "shared-table", f"table page {f << 12:#x} is reachable from {' and '.join(sorted(labels))}", mfn=f
+                )
+            )
+    frames = np.array(sorted(owners), dtype=np.int64)
+    for space in result.spaces:
+        for m in space.mappings:
+            lo = int(np.searchsorted(frames, m.mfn))
+            hi = int(np.searchsorted(frames, m.mfn + m.pages))
+            for f in frames[lo:hi].tolist():
+                verb = "write" if m.perms & Perm.W else "read"
+                dfn = m.dfn + (f - m.mfn)
+                users = f" ({', '.join(space.sources)})" if space.sources else ""
+                report.violations.append(
+                    Violation(
+                        "escape",
+                        f"{space.label}{users} can {verb} the table page {f << 12:#x} at dfn {dfn:#x}",
+                        devices=tuple(space.sources),
+                        dfn=dfn,
+                        mfn=f,
+                    )
+                )
+    report.stats = {
+        "address_spaces": len(result.spaces),
+        "table_pages": len(owners),
+        "mapped_pages": sum(s.pages for s in result.spaces),
+    }
+    return report

@@ -93,6 +93,7 @@ class RunResult:
     iotlb_events: list[IotlbEvent] = field(default_factory=list)
     final_check: CheckReport | None = None
     platform: Platform | None = None
+    grants: list[Grant] = field(default_factory=list)  # declared, and made by map steps with grant = true
 
     @property
     def ok(self) -> bool:
@@ -738,8 +739,9 @@ class ScenarioRunner:
                 res.failure = res.failure or msg
                 if not keep_going:
                     break
+        res.grants = self.resolved_grants()
         if final_check and res.failure is None:
-            res.final_check = check(self.platform, grants=self.resolved_grants())
+            res.final_check = check(self.platform, grants=res.grants)
         res.counters = self.platform.counters()
         return res
 
