@@ -48,10 +48,10 @@ from iommusim.errors import BadAddress
 from iommusim.frames import Gfn, Mfn
 from iommusim.machine.p2m import P2mType
 from iommusim.machine.pages import DOMID_INVALID, DOMID_XEN, E820Type
-from iommusim.pagetable.walk import FrameReader, walk_tables
+from iommusim.pagetable.walk import FrameReader, mappings, walk_tables
 from iommusim.perms import Perm
 from iommusim.tools.decode import DecodeResult
-from iommusim.tools.tables import DEFAULT_MAX_TABLES, MappingIndex, TableRoot, table_frames, table_mappings
+from iommusim.tools.tables import DEFAULT_MAX_TABLES, MappingIndex, TableRoot, table_frames
 from iommusim.tools.vendors import CachedTranslation, ContextMode, DeviceContext, VendorTools, vendor_tools
 
 if TYPE_CHECKING:
@@ -223,11 +223,19 @@ class _Checker:
         key = tables.key
         if key in self._indexes:
             return self._indexes[key]
+        self.frames(tables)  # the tree's shape first: no loop, no shared subtree, nothing outside memory
         if key in self._walk_errors:
             return None
         problems: list[str] = []
         try:
-            runs = table_mappings(self.m.memory, tables, problems=problems)
+            runs = mappings(
+                self.m.memory,
+                tables.fmt,
+                tables.root_mfn,
+                tables.levels,
+                root_pages=tables.root_pages,
+                problems=problems,
+            )
         except BadAddress as exc:
             self._walk_errors[key] = exc.message
             return None

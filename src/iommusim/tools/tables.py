@@ -23,7 +23,7 @@ import numpy as np
 
 from iommusim.frames import PAGE_SHIFT
 from iommusim.pagetable.format import EntryKind, PageTableFormat, U64Array, level_shift
-from iommusim.pagetable.walk import FrameReader, Mapping, mappings, walk_tables
+from iommusim.pagetable.walk import FrameReader, Mapping, TableWalkError, mappings, walk_tables
 from iommusim.perms import Perm
 
 __all__ = [
@@ -88,7 +88,12 @@ def table_mappings(
     problems: list[str] | None = None,
     max_tables: int = DEFAULT_MAX_TABLES,
 ) -> list[Mapping]:
-    """Every translation of the tree, coalesced; malformed entries go to ``problems`` when it is given."""
+    """Every translation of the tree, coalesced; malformed entries go to ``problems`` when it is given.
+
+    The tree's shape is checked first (``table_frames``): a table reached twice, a loop or a pointer
+    outside memory raises ``TableWalkError`` before any work that a shared subtree could multiply.
+    """
+    table_frames(reader, root, max_tables=max_tables)
     return mappings(
         reader,
         root.fmt,
@@ -101,13 +106,22 @@ def table_mappings(
 
 
 def table_frames(reader: FrameReader, root: TableRoot, *, max_tables: int = DEFAULT_MAX_TABLES) -> list[int]:
-    """Every table page reachable from the root (the concatenated root pages included), depth first."""
-    return [
-        frame
-        for frame, *_ in walk_tables(
-            reader, root.fmt, root.root_mfn, root.levels, root_pages=root.root_pages, max_tables=max_tables
-        )
-    ]
+    """Every table page reachable from the root (the concatenated root pages included), depth first.
+
+    No table may be reached twice: tables are never shared within a tree, and a tree whose entries all
+    point at one subtree would otherwise make a walk exponentially long.  ``TableWalkError`` names it.
+    """
+    seen: dict[int, int] = {}
+    for frame, level, base, *_ in walk_tables(
+        reader, root.fmt, root.root_mfn, root.levels, root_pages=root.root_pages, max_tables=max_tables
+    ):
+        if frame in seen:
+            raise TableWalkError(
+                f"the level-{level} table at {frame << PAGE_SHIFT:#x} is reached twice (for dfn {seen[frame]:#x} "
+                f"and dfn {base:#x}) in the tree at {root.root_maddr:#x}: tables must not be shared within a tree"
+            )
+        seen[frame] = base
+    return list(seen)
 
 
 def mapping_json(m: Mapping) -> dict[str, Any]:
