@@ -39,13 +39,13 @@ def test_the_commands_succeed_in_order(tmp_path: Path) -> None:
     for block in re.findall(r"```sh\n(.*?)```", section, re.S):
         for line in block.splitlines():
             words = shlex.split(line.split("#")[0])
-            if not words or words[0] != "iommusim" or words[1:2] == ["demo"]:
-                continue
+            if not words or words[0] != "iommusim" or words[1:2] in (["demo"], ["plot"]):
+                continue  # the demo and the pictures have tests of their own
             vendor = next((words[i + 1] for i, w in enumerate(words) if w in ("-v", "--vendor")), None)
             if vendor is not None and vendor not in INSTALLED:
                 continue
             commands.append(words[1:])
-    assert len(commands) >= 12
+    assert len(commands) >= 10
     here = Path.cwd()
     os.chdir(tmp_path)
     try:

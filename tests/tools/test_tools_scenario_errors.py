@@ -159,7 +159,7 @@ _keys = st.sampled_from(
 )
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(st.dictionaries(_keys, _value, max_size=4))
 def test_any_document_is_either_a_scenario_or_a_scenario_error(doc: dict[str, object]) -> None:
     import tomllib
