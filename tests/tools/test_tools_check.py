@@ -211,3 +211,23 @@ def test_check_on_an_image(vendor: str, tmp_path: Path) -> None:
     assert check(p).kinds() >= {"escape"}  # the live check agrees: the page is the hypervisor's
     result = cli("check", "--image", image, "--format", target.format)
     assert result.exit_code == 2
+
+
+def test_reports_are_capped_per_kind() -> None:
+    p = _machine(TOOLED[0])
+    g = p.machine.domains[1]
+    for i in range(3):
+        p.guest_map(g, Gfn(0x3000 + 2 * i), _frame(p, 2, 0x40 + 2 * i), type=P2mType.RAM_RW)
+    assert len(check(p).violations) == 3
+    capped = check(p, max_reports=2)
+    assert len(capped.violations) == 2 and not capped.ok
+    assert "more escape violations were found; only the first 2 are listed" in capped.notes
+
+
+@pytest.mark.skipif("vtd" not in TOOLED, reason="an x86 hardware domain without an IOMMU")
+def test_without_an_iommu_only_dom0_has_devices_and_that_is_by_design() -> None:
+    text = SMALL.replace("assign = 1", "") + "\n[iommu]\nenable = false\n"
+    p = _machine("vtd", text)
+    report = check(p)
+    assert report.ok
+    assert any("the hardware domain reaches all memory" in n for n in report.notes)

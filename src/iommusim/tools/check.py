@@ -47,7 +47,7 @@ import numpy.typing as npt
 from iommusim.errors import BadAddress
 from iommusim.frames import Gfn, Mfn
 from iommusim.machine.p2m import P2mType
-from iommusim.machine.pages import DOMID_INVALID, DOMID_XEN, E820Type
+from iommusim.machine.pages import DOMID_INVALID, DOMID_XEN, E820Type, PageType
 from iommusim.pagetable.walk import FrameReader, mappings, walk_tables
 from iommusim.perms import Perm
 from iommusim.tools.decode import DecodeResult
@@ -70,6 +70,7 @@ __all__ = [
     "check_image",
 ]
 
+TreeKey = tuple[int, int, int, int]  # TableRoot.key
 _GRANT_TYPES = {P2mType.GRANT_MAP_RW: Perm.RW, P2mType.GRANT_MAP_RO: Perm.R, P2mType.MAP_FOREIGN: Perm.RW}
 _OWNER_RE = re.compile(r"^d(\d+):")
 _MAX_GRANT_LOOKUPS = 4096  # p2m lookups per offending range before it is reported as it stands
@@ -201,11 +202,16 @@ class _Checker:
         self.grants = list(grants)
         self.max_reports = max_reports
         self.report = CheckReport()
-        self._indexes: dict[tuple[int, int, int, int], MappingIndex] = {}
-        self._frames: dict[tuple[int, int, int, int], list[int]] = {}
-        self._walk_errors: dict[tuple[int, int, int, int], str] = {}
+        self._indexes: dict[TreeKey, MappingIndex] = {}
+        self._frames: dict[TreeKey, list[int]] = {}
+        self._walk_errors: dict[TreeKey, str] = {}
         self.ram = self.m.pages.frames
         self.stats: defaultdict[str, int] = defaultdict(int)
+        self.dropped: defaultdict[str, int] = defaultdict(int)
+        # filled by device_contexts(): every translating tree, and the trees behind each cache tag and source id
+        self.tree_of: dict[TreeKey, TableRoot] = {}
+        self.by_tag: defaultdict[tuple[str, int], set[tuple[int | None, TreeKey]]] = defaultdict(set)
+        self.by_source: dict[tuple[str, int], tuple[int | None, DeviceContext]] = {}
 
     # -- helpers -----------------------------------------------------------------------------------------
 
@@ -213,11 +219,12 @@ class _Checker:
         same = sum(1 for x in self.report.violations if x.kind == v.kind)
         if same < self.max_reports:
             self.report.violations.append(v)
-        elif same == self.max_reports:
+            return
+        self.dropped[v.kind] += 1
+        if self.dropped[v.kind] == 1:
             self.report.notes.append(
                 f"more {v.kind} violations were found; only the first {self.max_reports} are listed"
             )
-            self.report.violations.append(v)
 
     def index(self, tables: TableRoot) -> MappingIndex | None:
         key = tables.key
@@ -274,12 +281,9 @@ class _Checker:
 
     # -- 1. containment -------------------------------------------------------------------------------
 
-    def device_contexts(self) -> dict[tuple[int | None, tuple[int, int, int, int] | None], _DeviceUse]:
+    def device_contexts(self) -> dict[tuple[int | None, TreeKey | None], _DeviceUse]:
         """Walk every routed device to its context; report the untranslated ones; group the rest by tree."""
-        uses: dict[tuple[int | None, tuple[int, int, int, int] | None], _DeviceUse] = {}
-        self.tree_of: dict[tuple[int, int, int, int], TableRoot] = {}
-        self.by_tag: defaultdict[tuple[str, int], set[tuple[int | None, tuple[int, int, int, int]]]] = defaultdict(set)
-        self.by_source: dict[tuple[str, int], tuple[int | None, DeviceContext]] = {}
+        uses: dict[tuple[int | None, TreeKey | None], _DeviceUse] = {}
         units = {u.name: u for u in self.p.units}
         cfg = self.p.iommu.config
         for dev in self.m.pci:
@@ -336,7 +340,7 @@ class _Checker:
             none = np.zeros(self.ram, dtype=bool)
             return none, none, False
         own = pages.owner == d.domid
-        own_w = own & ((pages.type_count == 0) | (pages.ptype == 7))  # PageType.WRITABLE
+        own_w = own & ((pages.type_count == 0) | (pages.ptype == int(PageType.WRITABLE)))
         any_ok, w_ok = own.copy(), own_w.copy()
         beyond = False
         cfg = self.p.iommu.config
@@ -372,7 +376,7 @@ class _Checker:
         perms = _GRANT_TYPES.get(e.type)
         return perms is not None and (not write or bool(perms & Perm.W))
 
-    def containment(self, uses: dict[tuple[int | None, tuple[int, int, int, int] | None], _DeviceUse]) -> None:
+    def containment(self, uses: dict[tuple[int | None, TreeKey | None], _DeviceUse]) -> None:
         masks: dict[int | None, tuple[npt.NDArray[np.bool_], npt.NDArray[np.bool_], bool]] = {}
         for (owner, key), use in uses.items():
             if key is None:
@@ -444,7 +448,7 @@ class _Checker:
 
     # -- 2. caches --------------------------------------------------------------------------------------
 
-    def targets(self, e: CachedTranslation) -> set[tuple[int | None, tuple[int, int, int, int]]]:
+    def targets(self, e: CachedTranslation) -> set[tuple[int | None, TreeKey]]:
         """The (owner, tree) pairs a cached translation belongs to, through its tag or source id."""
         if e.by_source:
             found = self.by_source.get((e.unit, e.tag))
@@ -485,7 +489,7 @@ class _Checker:
             entries = f"{n} entr{'y' if n == 1 else 'ies'}"
             self.report.notes.append(f"{unit} {cache}: {entries} under {what} {tag:#x}, which no device's context uses")
 
-    def compare(self, e: CachedTranslation, owner: int | None, key: tuple[int, int, int, int]) -> CacheState:
+    def compare(self, e: CachedTranslation, owner: int | None, key: TreeKey) -> CacheState:
         idx = self.index(self.tree_of[key])
         if idx is None:
             return CacheState(e, "ok", "its tables cannot be read (reported as corrupt)")
