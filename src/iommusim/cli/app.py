@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from iommusim import __version__
+from iommusim.cli.tools_cmds import register_tools
 
 app = typer.Typer(
     name="iommusim",
@@ -38,9 +39,7 @@ def demo(
     raise typer.Exit(run_demo(vendor or None))
 
 
-from iommusim.cli.tools_cmds import register_tools  # noqa: E402 - the commands need ``app`` first
-
-register_tools(app)
+register_tools(app)  # run, dump, decode, check, plot
 
 
 def main() -> None:
