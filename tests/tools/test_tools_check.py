@@ -231,3 +231,20 @@ def test_without_an_iommu_only_dom0_has_devices_and_that_is_by_design() -> None:
     report = check(p)
     assert report.ok
     assert any("the hardware domain reaches all memory" in n for n in report.notes)
+
+
+@pytest.mark.skipif("vtd" not in TOOLED, reason="VT-d is not installed")
+def test_an_image_where_two_domain_ids_share_tables(tmp_path: Path) -> None:
+    p = _machine("vtd")
+    (root_target,) = [t for t in vendor_tools("vtd").decode_targets(p) if t.format == "vtd-root"]
+    mem = p.machine.memory
+    ctp = mem.read_u64(root_target.root + 16 * 4) & ~0xFFF  # bus 4: the NVMe drive of d2
+    d1_ctx = mem.read_u64(mem.read_u64(root_target.root + 16 * 3) & ~0xFFF)  # the NIC's context (d1's tables)
+    mem.write_u64(ctp, d1_ctx)  # d2's drive now walks d1's tables, under d2's domain id
+    image = tmp_path / "mem.raw"
+    write_raw(mem, image)
+    result = cli("check", "--image", image, "--format", "vtd-root", "--root", hex(root_target.root))
+    assert result.exit_code == 1
+    out = " ".join(result.output.split())
+    assert "[shared-table]" in out and "are reachable from did" in out
+    assert check(p).kinds() >= {"escape"}  # live: d2's drive reaches d1's memory

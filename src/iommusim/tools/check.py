@@ -631,32 +631,36 @@ def check(
 def check_image(result: DecodeResult, reader: FrameReader, *, max_tables: int = DEFAULT_MAX_TABLES) -> CheckReport:
     """What can be checked in a memory image without knowing who owns its pages.
 
-    Every problem the decoder met is a ``corrupt-table`` violation; a table page reachable from two
-    address spaces that are not the same domain (different roots) is ``shared-table``; a translation that
-    reaches any table page of the image is an ``escape`` (a device that can write tables can map itself
-    anything).
+    Every problem the decoder met is a ``corrupt-table`` violation; table pages reachable from two of the
+    address spaces the decoder found (two domain ids, or two roots) are ``shared-table``; a translation
+    that reaches any table page of the image is an ``escape`` (a device that can write tables can map
+    itself anything).
     """
     report = CheckReport()
     for p in result.all_problems:
         report.violations.append(Violation("corrupt-table", p))
     owners: defaultdict[int, set[str]] = defaultdict(set)
-    roots: dict[str, int] = {}
     for space in result.spaces:
         if space.tables is None:
             continue
-        roots[space.label] = space.tables.root_mfn
         try:
             for f in table_frames(reader, space.tables, max_tables=max_tables):
                 owners[f].add(space.label)
         except BadAddress as exc:
             report.violations.append(Violation("corrupt-table", f"{space.label}: {exc.message}"))
+    shared: defaultdict[frozenset[str], list[int]] = defaultdict(list)
     for f, labels in sorted(owners.items()):
-        if len({roots[x] for x in labels}) > 1:
-            report.violations.append(
-                Violation(
-                    "shared-table", f"table page {f << 12:#x} is reachable from {' and '.join(sorted(labels))}", mfn=f
-                )
+        if len(labels) > 1:  # two address spaces (two domain ids, two roots) reach one table page
+            shared[frozenset(labels)].append(f)
+    for spaces, frames_of in shared.items():
+        report.violations.append(
+            Violation(
+                "shared-table",
+                f"{len(frames_of)} table page(s), first at {frames_of[0] << 12:#x}, are reachable from "
+                f"{' and '.join(sorted(spaces))}",
+                mfn=frames_of[0],
             )
+        )
     frames = np.array(sorted(owners), dtype=np.int64)
     for space in result.spaces:
         for m in space.mappings:
