@@ -6,6 +6,7 @@ import typer
 
 from iommusim import __version__
 from iommusim.cli import bench_cmd
+from iommusim.cli.tools_cmds import register_tools
 
 app = typer.Typer(
     name="iommusim",
@@ -40,6 +41,7 @@ def demo(
 
 
 app.command("bench")(bench_cmd.bench)
+register_tools(app)  # run, dump, decode, check, plot
 
 
 def main() -> None:

@@ -14,14 +14,14 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
 from rich.table import Table
 
-from iommusim.errors import DmaFault, IommuError
+from iommusim.errors import DmaFault, IommuError, NoDevice
 from iommusim.frames import Daddr, Dfn, Gfn, Mfn, dfn_to_daddr
 from iommusim.iommu import Iommu
-from iommusim.machine import DomainKind, Machine, PageType, PciDevice, PciDevType, Sbdf
+from iommusim.machine import Domain, DomainKind, Machine, PageType, PciDevice, PciDevType, Sbdf
 from iommusim.perms import Perm
 from iommusim.platform import HardwareSpec, Platform, available_vendors, build_platform
+from iommusim.tools.vendors import VENDOR_TITLES
 
-VENDOR_TITLES = {"vtd": "Intel VT-d", "amd": "AMD-Vi", "smmu": "ARM SMMU"}
 NIC = "0000:03:00.0"
 HWDOM_BYTES = 256 << 20
 GUEST_BYTES = 64 << 20
@@ -59,16 +59,46 @@ def _machine_tour(out: Console) -> None:
     out.print(f"Without an IOMMU the generic layer's map is a no-op: flags={flags!r}")
 
 
-def _dma_read(p: Platform, dev: PciDevice, gfn: int) -> str:
+def _dma_read(p: Platform, dev: PciDevice, gfn: int, length: int = 16) -> str:
     try:
-        data = p.machine.dma.read(dev, Daddr(gfn << 12), 16)
-        return f"[green]read {data!r}[/]"
+        data = p.machine.dma.read(dev, Daddr(gfn << 12), length)
+        return f"[green]read {data.rstrip(bytes(1))!r}[/]"
     except DmaFault as exc:
         return f"[red]fault[/] ({exc})"
 
 
 def _new_console_lines(p: Platform, mark: int) -> list[str]:
     return [line.text for line in p.machine.console.lines[mark:]]
+
+
+def _log(out: Console, p: Platform, mark: int) -> None:
+    for line in _new_console_lines(p, mark):
+        out.print(f"  [dim]hypervisor log:[/] {line}")
+
+
+def _mapped_pages(p: Platform, d: Domain) -> int:
+    """Pages the domain's IOMMU view maps, read back from memory (through the vendor's tools, if any)."""
+    try:
+        from iommusim.tools.tables import table_mappings
+        from iommusim.tools.vendors import vendor_tools
+
+        tables = vendor_tools(p.vendor).domain_tables(p, d)
+        return 0 if tables is None else sum(m.pages for m in table_mappings(p.machine.memory, tables))
+    except NoDevice:
+        return sum(m.pages for m in p.iommu.dump_page_tables(d))
+
+
+def _check_line(p: Platform) -> str | None:
+    """The isolation check's verdict in one line (None when the vendor has no tools support yet)."""
+    try:
+        from iommusim.tools.check import check
+
+        report = check(p)
+    except NoDevice:
+        return None
+    verdict = "[green]no violation[/]" if report.ok else f"[red]{len(report.violations)} violation(s)[/]"
+    owed = f", {len(report.stale)} stale window(s) with the flush still owed" if report.stale else ""
+    return f"isolation check: {verdict}{owed}"
 
 
 def _vendor_story(out: Console, vendor: str) -> None:
@@ -86,13 +116,13 @@ def _vendor_story(out: Console, vendor: str) -> None:
             bar.update(task, completed=done, total=total)
 
         hwdom = p.create_hardware_domain(HWDOM_BYTES, progress=progress)
-    mapped = sum(m.pages for m in p.iommu.dump_page_tables(hwdom))
-    out.print(f"{hwdom}: {hwdom.tot_pages} pages of its own; its IOMMU view maps {mapped} pages")
+    out.print(f"{hwdom}: {hwdom.tot_pages} pages of its own; its IOMMU view maps {_mapped_pages(p, hwdom)} pages")
 
     guest = p.create_guest(1, GUEST_BYTES)
     p.iommu.assign_device(guest, NIC)
     dev = p.device(NIC)
     out.print(f"{dev.sbdf} assigned to {guest}; {guest} now has IOMMU tables ({p.iommu.state(guest).status.value})")
+    out.print(f"{guest}'s IOMMU view maps {_mapped_pages(p, guest)} pages, its whole memory")
 
     gfn = 0x100
     p.machine.dma.write(dev, Daddr(gfn << 12), b"hello from a NIC")
@@ -105,19 +135,29 @@ def _vendor_story(out: Console, vendor: str) -> None:
     mark = len(p.machine.console.lines)
     p.guest_unmap(guest, Gfn(gfn))
     out.print(f"  DMA read of gfn {gfn:#x}: {_dma_read(p, dev, gfn)}")
-    for line in _new_console_lines(p, mark):
-        out.print(f"  [dim]hypervisor log:[/] {line}")
+    _log(out, p, mark)
 
     stale = gfn + 1
-    out.print(f"  DMA read of gfn {stale:#x} (warms the IOTLB): {_dma_read(p, dev, stale)}")
-    out.print("[bold]Unmap without its flush[/]: a stale window opens")
+    secret = f"{guest} secret, page {stale:#x}".encode()
+    p.machine.dma.write(dev, Daddr(stale << 12), secret)
+    out.print(
+        f"[bold]Unmap without its flush[/]: {secret.decode()!r} sits in gfn {stale:#x}, and the IOTLB knows the page"
+    )
     p.guest_unmap(guest, Gfn(stale), flush=False)
-    out.print(f"  DMA read of gfn {stale:#x} after the unmap: {_dma_read(p, dev, stale)}  <- stale translation")
+    owed = ", ".join(f"dfn {a:#x}" + (f" x{n}" if n > 1 else "") for a, n in p.iommu.ledger.pending(guest.domid))
+    out.print(f"  unmapped from {guest}'s tables with the flush skipped; the flush ledger says {guest} owes: {owed}")
+    out.print(
+        f"  DMA read of gfn {stale:#x} after the unmap: {_dma_read(p, dev, stale, len(secret))}"
+        "  [yellow]<- stale translation: the device still reads the page the guest gave up[/]"
+    )
+    verdict = _check_line(p)
+    if verdict:
+        out.print(f"  {verdict}")
     p.iommu.iotlb_flush(guest, Dfn(stale), 1)
     mark = len(p.machine.console.lines)
     out.print(f"  after the flush: {_dma_read(p, dev, stale)}")
-    for line in _new_console_lines(p, mark):
-        out.print(f"  [dim]hypervisor log:[/] {line}")
+    _log(out, p, mark)
+    out.print(f"  the flush ledger is empty again: {p.iommu.ledger.pending(guest.domid) == []}")
 
     table = Table(title=f"{VENDOR_TITLES.get(vendor, vendor)} counters")
     table.add_column("unit")
@@ -143,6 +183,11 @@ def run_demo(vendors: Sequence[str] | None = None) -> int:
     if not chosen:
         out.print("[yellow]No vendor model is installed yet: the tour above shows the machine and generic layer.[/]")
         return 0
+    rc = 0
     for vendor in chosen:
-        _vendor_story(out, vendor)
-    return 0
+        try:
+            _vendor_story(out, vendor)
+        except (IommuError, DmaFault) as exc:  # a vendor model that breaks must not hide the others
+            out.print(f"[red]the {vendor} story stopped:[/] {exc}")
+            rc = 1
+    return rc

@@ -424,6 +424,10 @@ class Iommu:
     def pending_frees(self) -> int:
         return len(self._cleanup)
 
+    def deferred_frees(self) -> list[tuple[Mfn, int]]:
+        """The table pages queued by ``defer_free`` and not freed yet, as (frame, level): for checkers."""
+        return list(self._cleanup)
+
     def run_cleanup(self) -> int:
         """Drain the deferred-free list through the vendor's free_page_table; returns pages processed."""
         n = 0

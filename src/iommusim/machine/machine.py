@@ -44,6 +44,9 @@ class Machine:
         self.domains: dict[int, Domain] = {}
         #: Makes the p2m of every translated domain: a dictionary on x86; ARM installs its stage-2 tables.
         self.p2m_factory: Callable[[Domain], P2m] = lambda _d: DictP2m()
+        #: Called with every new domain once its memory is in place, before anyone (the IOMMU layer) sees it:
+        #: where tools give pages their types, as a domain builder would before the hypervisor uses them.
+        self.domain_created_hooks: list[Callable[[Domain], None]] = []
 
     @property
     def ram_frames(self) -> int:
@@ -71,13 +74,15 @@ class Machine:
         if kind == DomainKind.HVM:
             d.p2m = self.p2m_factory(d)
         self.domains[domid] = d
-        if memory_bytes:
-            try:
+        try:
+            if memory_bytes:
                 self.populate(d, memory_bytes >> PAGE_SHIFT)
-            except IommuError:
-                # e.g. ENOMEM while an ARM p2m builds its tables: no half-made domain may remain
-                self.destroy_domain(d)
-                raise
+            for hook in self.domain_created_hooks:
+                hook(d)
+        except IommuError:
+            # e.g. ENOMEM while an ARM p2m builds its tables: no half-made domain may remain
+            self.destroy_domain(d)
+            raise
         return d
 
     def populate(self, d: Domain, count: int, *, align_order: int = 0) -> Extent:

@@ -62,6 +62,10 @@ class ContextCache:
             self._c.pop(s)
         return len(victims)
 
+    def entries(self) -> list[tuple[int, CtxInfo]]:
+        """Every cached context as (source id, context), least recently used first; for inspection tools."""
+        return self._c.items()
+
     def __len__(self) -> int:
         return len(self._c)
 
@@ -181,3 +185,7 @@ class DeviceTlb:
         n = sum(len(c) for c in self._by_sid.values())
         self._by_sid.clear()
         return n
+
+    def entries(self) -> list[tuple[int, int, AtsEntry]]:
+        """Every cached translation as (source id, input address of its page, entry), for inspection tools."""
+        return [(sid, page << shift, e) for sid, c in sorted(self._by_sid.items()) for (page, shift), e in c.items()]

@@ -1,0 +1,1 @@
+"""Tools for people and programs: scenarios, dumps, image decoding, isolation checks and plots."""
