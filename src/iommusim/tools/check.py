@@ -70,7 +70,7 @@ __all__ = [
     "check_image",
 ]
 
-TreeKey = tuple[int, int, int, int]  # TableRoot.key
+TreeKey = tuple[int, int, int, int, int]  # TableRoot.key
 _GRANT_TYPES = {P2mType.GRANT_MAP_RW: Perm.RW, P2mType.GRANT_MAP_RO: Perm.R, P2mType.MAP_FOREIGN: Perm.RW}
 _OWNER_RE = re.compile(r"^d(\d+):")
 _MAX_GRANT_LOOKUPS = 4096  # p2m lookups per offending range before it is reported as it stands
@@ -242,6 +242,7 @@ class _Checker:
                 tables.levels,
                 root_pages=tables.root_pages,
                 problems=problems,
+                root_perms=tables.perms,
             )
         except BadAddress as exc:
             self._walk_errors[key] = exc.message
