@@ -59,6 +59,7 @@ VENDOR_TITLES: dict[str, str] = {"vtd": "Intel VT-d", "amd": "AMD-Vi", "smmu": "
 TOOL_ADAPTERS: dict[str, str] = {}
 TOOL_ADAPTERS["vtd"] = "iommusim.tools.adapters.vtd:ADAPTER"
 TOOL_ADAPTERS["smmu"] = "iommusim.tools.adapters.smmu:ADAPTER"
+TOOL_ADAPTERS["amd"] = "iommusim.tools.adapters.amd:ADAPTER"
 
 
 class ContextMode(Enum):
