@@ -14,7 +14,8 @@
 3. **Table pages.**  Every table page reachable from a domain's trees must be hypervisor memory and
    reachable from that domain only (no table shared by two domains); every page allocated to a domain's
    tables (its allocator owner, e.g. ``d1:iommu-pt``) must be reachable or queued for the deferred free
-   (else it is an orphan), and no table page may outlive its domain (a leak).
+   or for a flush the driver is owed (else it is an orphan), and no table page may outlive its domain (a
+   leak).
 
 The access policy (what a domain "owns or was granted"):
 
@@ -557,11 +558,12 @@ class _Checker:
                 )
         pending: set[int] = set()
         any_root = next((t for _, t in roots), None)
-        for mfn, level in self.p.iommu.deferred_frees():
-            pending.add(mfn.value)
+        queued = [(mfn.value, level) for mfn, level in self.p.iommu.deferred_frees()]
+        for frame0, level in queued + self.tools.pending_frees(self.p):
+            pending.add(frame0)
             if any_root is not None and level > 1:
                 try:
-                    for frame, *_ in walk_tables(self.m.memory, any_root.fmt, mfn.value, level, max_tables=1 << 16):
+                    for frame, *_ in walk_tables(self.m.memory, any_root.fmt, frame0, level, max_tables=1 << 16):
                         pending.add(frame)
                 except BadAddress:
                     pass

@@ -243,6 +243,18 @@ class AmdTools:
     def table_owner(self, domid: int) -> str:
         return f"d{domid}:amd-pt"
 
+    def pending_frees(self, platform: Platform) -> list[tuple[int, int]]:
+        """Tables a merge replaced by a superpage, freed by the flush of every page the caller owes.
+
+        A merged table holds only leaves, so each is a subtree of one page (given as level 1).
+        """
+        out = []
+        for d in platform.machine.domains.values():
+            arch = getattr(d.iommu, "arch", None)
+            if isinstance(arch, AmdDomain):
+                out += [(mfn.value, 1) for mfn in arch.pending_free]
+        return out
+
     # -- caches ----------------------------------------------------------------------------------------------
 
     def iotlbs(self, platform: Platform) -> dict[str, Iotlb]:
