@@ -110,6 +110,8 @@ def decode_command(
       iommusim decode mem.raw --format vtd-root --root 0xfff7000
       iommusim decode vmcore --format vtd-sl --root 0x7fff1000 --levels 4 --tree
       iommusim decode dump.raw --base 0x80000000 --format arm-s2 --root 0x8fff8000 --start-level 1 --root-pages 2
+      iommusim decode amd.raw --format amd-dt --root 0xfff8000 --dt-pages 8
+      iommusim decode amd.raw --format amd-v1 --root 0xffef000 --paging-mode 2 --tree
     """
     if list_formats:
         _formats()
