@@ -20,6 +20,8 @@ from iommusim.hw.amd import regs
 from iommusim.hw.amd.structs import DTE_SIZE, Dte, Event, EventCode
 from iommusim.hw.amd.unit import AmdIommu
 from iommusim.images import open_image, write_raw
+from iommusim.machine import Machine
+from iommusim.pagetable.amd import AmdV1Format
 from iommusim.perms import Perm
 from iommusim.platform import Platform
 from iommusim.tools.check import check
@@ -30,6 +32,7 @@ from iommusim.tools.vendors import ContextMode, DeviceContext, vendor_tools
 pytestmark = pytest.mark.skipif("amd" not in TOOLED, reason="AMD-Vi is not installed")
 
 NIC = "0000:03:00.0"
+DISK = '\n[[devices]]\nsbdf = "0000:04:00.0"\n'  # a second device, left with dom0
 RID = 0x0300  # bus 3, device 0, function 0
 TOOLS = vendor_tools("amd") if "amd" in TOOLED else None
 
@@ -265,7 +268,7 @@ def test_dump_and_check_of_the_stale_window_scenario_on_the_command_line(tmp_pat
 
 
 def test_decode_a_device_table_image(tmp_path: Path) -> None:
-    p = _machine(SMALL.replace("[[devices]]", '[[devices]]\nsbdf = "0000:04:00.0"\n\n[[devices]]', 1))
+    p = _machine(SMALL + DISK)
     assert TOOLS is not None
     (dt,) = [t for t in TOOLS.decode_targets(p) if t.format == "amd-dt"]
     image = tmp_path / "mem.raw"
@@ -309,3 +312,48 @@ def test_a_table_a_merge_unhooked_waits_for_the_owed_flush_and_is_no_orphan() ->
     p.iommu.iotlb_flush_all(g)
     assert TOOLS.pending_frees(p) == [] and check(p).ok
     assert p.machine.allocator.owner_of(Mfn(pending[0])) is None
+
+
+def test_a_hardware_domain_in_pass_through_mode_is_noted_not_reported() -> None:
+    p = _machine(SMALL.replace("[hardware_domain]", "[iommu]\npassthrough = true\n[hardware_domain]") + DISK)
+    assert TOOLS is not None
+    route = p.machine.dma.route_of(p.device("0000:04:00.0"))
+    assert route is not None
+    ctx = TOOLS.context(p, route.unit, route.source_id)
+    assert ctx.mode == ContextMode.PASSTHROUGH and "V=0" in ctx.detail  # Xen leaves V clear, TV set
+    report = check(p)
+    assert report.ok and any("0000:04:00.0 (d0) is not translated (V=0" in n for n in report.notes)
+
+
+def test_decode_of_skipped_levels_and_next_level_7_pages(tmp_path: Path) -> None:
+    """A tree Xen never writes but the hardware reads: a level-3 root whose entry 1 skips straight to a
+    level-1 table, holding a 16 KiB NextLevel-7 page, and a 4 MiB NextLevel-7 page in a level-2 table."""
+    fmt = AmdV1Format()
+    m = Machine(ram_bytes=64 << 20)
+    l3, l2, l1 = (m.allocator.alloc("t").value for _ in range(3))
+    m.memory.store_word(l3, 0, fmt.pointer_entry(l2 << 12, 2))
+    # root entry 1 covers dfn 0x40000 (1 GiB); pointing at a level-1 table skips level 2 (DVA bits 29:21)
+    m.memory.store_word(l3, 1, fmt.pointer_entry(l1 << 12, 1))
+    for k in range(8, 12):  # a 16 KiB page at 0x20_0000 in slots 8-11: dfn 0x40008-0x4000b
+        m.memory.store_word(l1, k, fmt.sized_leaf(0x20_0000, 14, Perm.RW))
+    for k in (4, 5):  # a 4 MiB page at 0x40_0000 in level-2 slots 4-5: dfn 0x800-0xbff
+        m.memory.store_word(l2, k, fmt.sized_leaf(0x40_0000, 22, Perm.R))
+    image = tmp_path / "hand.raw"
+    write_raw(m.memory, image)
+    with open_image(image) as img:
+        result = decoder("amd-v1").decode(img, l3 << 12, {"paging_mode": 3}, max_tables=64)
+    (space,) = result.spaces
+    assert [(r.dfn, r.mfn, r.pages, r.page_shift) for r in space.mappings] == [
+        (0x800, 0x400, 1024, 22),
+        (0x40008, 0x200, 4, 14),
+    ]
+    assert not result.all_problems
+    # the tree shows the level-1 table right under the root
+    result_cli, data = cli_json(
+        "decode", image, "--format", "amd-v1", "--root", hex(l3 << 12), "--paging-mode", "3", "--tree", tmp=tmp_path
+    )
+    assert result_cli.exit_code == 0, result_cli.output
+    (tree,) = data["trees"].values()
+    (top,) = tree["tops"]
+    assert [c["level"] for c in top["children"]] == [2, 1]
+    assert top["children"][1]["dfn"] == "0x40000"
