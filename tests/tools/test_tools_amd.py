@@ -277,6 +277,10 @@ def test_decode_a_device_table_image(tmp_path: Path) -> None:
     mem = p.machine.memory
     mem.write_u64(base + 0x0500 * DTE_SIZE, 1 | (1 << 5))
     mem.write_u64(base + 0x0600 * DTE_SIZE, 1)
+    # and one whose tables lie far outside the image (domain 7, two levels at 0x40_0000_0000)
+    far = Dte(valid=True, translation_valid=True, mode=2, root=0x40_0000_0000, ir=True, iw=True, domain_id=7)
+    for i, q in enumerate(far.qwords()):
+        mem.write_u64(base + 0x0700 * DTE_SIZE + 8 * i, q)
     write_raw(mem, image)
     with open_image(image) as img:
         result = decoder("amd-dt").decode(img, dt.root, dt.options, max_tables=1 << 16)
@@ -287,6 +291,12 @@ def test_decode_a_device_table_image(tmp_path: Path) -> None:
     blocked = [s for s in result.spaces if s.mode == ContextMode.BLOCKED]
     assert {src for s in blocked for src in s.sources} == {"05:00.0", "06:00.0"}
     assert any("reserved bits 0x20" in x and f"{base + 0x500 * DTE_SIZE:#x}" in x for x in result.all_problems)
+    lost = next(s for s in result.spaces if s.attrs["domain_id"] == 7)
+    assert lost.sources == ["07:00.0"] and not lost.mappings
+    assert any("0x4000000000" in x and "outside" in x for x in lost.problems)
+    res, data = cli_json("decode", image, "--format", "amd-dt", "--root", hex(base), "--dt-pages",
+                          str(dt.options["dt_pages"]), tmp=tmp_path)  # fmt: skip
+    assert res.exit_code == 3 and data is not None and not data["ok"] and len(data["spaces"]) == len(result.spaces)
     with pytest.raises(InvalidArgument, match="--dt-pages"):
         decoder("amd-dt").decode(mem, dt.root, {}, max_tables=16)
     with pytest.raises(InvalidArgument, match="--paging-mode"):
