@@ -117,7 +117,7 @@ def test_shared_and_foreign_table_pages(vendor: str) -> None:
     report = check(p)
     assert {"shared-table", "escape"} <= report.kinds()
     assert any("reachable from both d1 and d2" in v.message for v in report.violations)
-    r1[511] = t1.fmt.table_entry(_frame(p, 1, 0x40).value << 12, t1.levels - 1)  # a guest page as a table
+    r1[511] = t1.fmt.table_entry(_frame(p, 1, 0x40).value << 12, t1.levels)  # a guest page as a table
     report = check(p)
     assert "foreign-table" in report.kinds()
     assert any("is not hypervisor memory: it belongs to d1" in v.message for v in report.violations)

@@ -115,15 +115,19 @@ def _corrupt(tmp: Path, fmt: str, how: str) -> tuple[int, str, DecodeTarget]:
     t = _tree_target(p, fmt)
     tables = _tree_of(p, t)
     mem = p.machine.memory
+    fmt = tables.fmt
     root = mem.words(tables.root_mfn)
-    i = int(np.nonzero(root)[0][0])
-    child = (int(root[i]) & tables.fmt.addr_mask) >> 12
-    below = mem.words(child)
+    # the first table the root points at (the root may also hold superpages, as AMD's two-level trees do)
+    i = next(k for k in np.nonzero(root)[0].tolist() if fmt.decode(int(root[k]), tables.levels).kind == EntryKind.TABLE)
+    child = fmt.decode(int(root[i]), tables.levels)
+    below = mem.words(child.address >> 12)
     j = int(np.nonzero(below)[0][0])
+    # a pointer fits only in a table above level 1: the one below the root, or the root of a two-level tree
+    host, level, slot = (below, child.next_level, j) if child.next_level > 1 else (root, tables.levels, i)
     if how == "loop":  # a table that points back at the root
-        below[j] = tables.fmt.table_entry(tables.root_maddr, tables.levels - 1)
+        host[slot] = fmt.table_entry(tables.root_maddr, level)
     elif how == "outside":  # a table pointer past the end of the image
-        below[j] = tables.fmt.table_entry(p.machine.ram_frames + 0x1000 << 12, tables.levels - 1)
+        host[slot] = fmt.table_entry(p.machine.ram_frames + 0x1000 << 12, level)
     elif how == "shared":  # every entry of the root at one subtree, every entry below at one more
         root[:] = root[i]
         below[:] = below[j]

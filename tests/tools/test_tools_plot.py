@@ -9,6 +9,8 @@ import pytest
 from PIL import Image
 from tools_helpers import TOOLED, cli, run
 
+from iommusim.pagetable.walk import Mapping
+from iommusim.perms import Perm
 from iommusim.tools.plot import plot_address_map, plot_iotlb_timeline
 
 pytestmark = pytest.mark.skipif(not TOOLED, reason="no vendor with tools support is installed")
@@ -75,3 +77,11 @@ def test_pictures_of_nothing_are_still_pictures(tmp_path: Path) -> None:
 def test_plot_mistakes() -> None:
     assert cli("plot", "--kind", "pie").exit_code == 2
     assert cli("plot", "--vendor", TOOLED[0], "-d", "9", "-o", "/tmp/x.png").exit_code == 2
+
+
+def test_pages_of_any_size_are_drawn(tmp_path: Path) -> None:
+    """Regression: the legend knew only 4K, 2M and 1G pages, so an AMD tree with a NextLevel-7 page (16K,
+    4M, ...) could not be drawn (KeyError)."""
+    runs = [Mapping(0x4, 0x100, 4, Perm.RW, 14), Mapping(0x800, 0x400, 1024, Perm.R, 22), Mapping(0, 0, 4, Perm.RW, 12)]
+    out = plot_address_map(runs, tmp_path / "sizes.png", title="odd sizes")
+    _picture(out, (1000, 700))

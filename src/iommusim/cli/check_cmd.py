@@ -53,6 +53,7 @@ def check_command(
       iommusim check                                   the demo machine
       iommusim check my.toml --until before-flush --json report.json
       iommusim check --image mem.raw --format vtd-root --root 0xfff7000
+      iommusim check --image amd.raw --format amd-dt --root 0xfff8000 -o dt-pages=8
     """
     to_stdout = json_path is not None and str(json_path) == "-"
     out = console(quiet=to_stdout)

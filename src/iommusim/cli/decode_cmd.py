@@ -85,6 +85,9 @@ def decode_command(
     agaw: int | None = typer.Option(None, "--agaw", help="VT-d AGAW code, instead of --levels (vtd-sl)."),
     haw: int | None = typer.Option(None, "--haw", help="Host address width the entries were written for (vtd-*)."),
     paging_mode: int | None = typer.Option(None, "--paging-mode", help="AMD paging mode, 1-6 (amd-v1)."),
+    dt_pages: int | None = typer.Option(
+        None, "--dt-pages", help="AMD device-table size in 4 KiB pages, 1-512: DevTabBase bits 8:0 plus one (amd-dt)."
+    ),
     start_level: int | None = typer.Option(None, "--start-level", help="ARM lookup level of the root, 0-3 (arm-s2)."),
     root_pages: int | None = typer.Option(None, "--root-pages", help="Concatenated root tables, 1-16 (arm-s2)."),
     option: list[str] | None = typer.Option(
@@ -107,6 +110,8 @@ def decode_command(
       iommusim decode mem.raw --format vtd-root --root 0xfff7000
       iommusim decode vmcore --format vtd-sl --root 0x7fff1000 --levels 4 --tree
       iommusim decode dump.raw --base 0x80000000 --format arm-s2 --root 0x8fff8000 --start-level 1 --root-pages 2
+      iommusim decode amd.raw --format amd-dt --root 0xfff8000 --dt-pages 8
+      iommusim decode amd.raw --format amd-v1 --root 0xffef000 --paging-mode 2 --tree
     """
     if list_formats:
         _formats()
@@ -121,6 +126,7 @@ def decode_command(
             "agaw": agaw,
             "haw": haw,
             "paging_mode": paging_mode,
+            "dt_pages": dt_pages,
             "start_level": start_level,
             "root_pages": root_pages,
         },

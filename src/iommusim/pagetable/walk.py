@@ -19,7 +19,7 @@ import numpy.typing as npt
 
 from iommusim.errors import BadAddress
 from iommusim.frames import PAGE_SHIFT
-from iommusim.pagetable.format import Decoded, EntryKind, PageTableFormat, U64Array
+from iommusim.pagetable.format import Decoded, EntryKind, PageTableFormat, U64Array, level_shift
 from iommusim.perms import Perm
 
 __all__ = ["FrameReader", "Mapping", "TableWalkError", "WalkResult", "mappings", "walk", "walk_tables"]
@@ -59,11 +59,22 @@ def walk(
     daddr: int,
     *,
     root_pages: int = 1,
+    root_perms: Perm = Perm.RW,
 ) -> WalkResult:
-    """Translate ``daddr`` through the tree at ``root_mfn``; never raises for absent or bad entries."""
+    """Translate ``daddr`` through the tree at ``root_mfn``; never raises for absent or bad entries.
+
+    An address with bits set above what the tree reaches, or in the index of a level a pointer skips
+    (a format that lets a pointer skip levels requires those bits to be zero), translates to nothing:
+    the hardware faults on it rather than folding it onto a lower address.  ``root_perms`` caps what the
+    tree grants, as the structure that names the root may do (an AMD device-table entry's IR and IW).
+    """
+    reach = level_shift(levels + 1) + (root_pages.bit_length() - 1)
+    if daddr >> reach:
+        beyond = Decoded(EntryKind.EMPTY, 0, levels, problem=f"address beyond the {reach} bits the tree reaches")
+        return WalkResult(beyond, levels, root_mfn << PAGE_SHIFT, Perm.NONE, 0, ())
     table = root_mfn
     level = levels
-    perms = Perm.RW
+    perms = root_perms
     visited: list[int] = []
     while True:
         idx = daddr >> (PAGE_SHIFT + 9 * (level - 1))
@@ -77,6 +88,12 @@ def walk(
         d = fmt.decode(raw, level)
         where = (frame << PAGE_SHIFT) | (i << 3)
         if d.kind == EntryKind.TABLE and level > 1 and 1 <= d.next_level < level:
+            skipped = ((1 << level_shift(level)) - 1) & ~((1 << level_shift(d.next_level + 1)) - 1)
+            if daddr & skipped:
+                why = f"address bits of the levels skipped below level {level} are not zero"
+                return WalkResult(
+                    Decoded(EntryKind.EMPTY, raw, level, problem=why), level, where, Perm.NONE, 0, tuple(visited)
+                )
             if fmt.hierarchical_perms:
                 perms &= d.perms
             table = d.address >> PAGE_SHIFT
@@ -86,7 +103,7 @@ def walk(
             d = Decoded(EntryKind.MALFORMED, raw, level, problem=f"table pointer at level {level}")
         if d.kind != EntryKind.LEAF:
             return WalkResult(d, level, where, Perm.NONE, 0, tuple(visited))
-        perms = (perms & d.perms) if fmt.hierarchical_perms else d.perms
+        perms = (perms if fmt.hierarchical_perms else root_perms) & d.perms
         size_mask = (1 << d.page_shift) - 1
         out = (d.address & ~size_mask) | (daddr & size_mask)
         return WalkResult(d, level, where, perms, out, tuple(visited))
@@ -115,12 +132,16 @@ def walk_tables(
     *,
     root_pages: int = 1,
     max_tables: int = 1 << 20,
+    root_perms: Perm = Perm.RW,
 ) -> Iterator[tuple[int, int, int, U64Array, Perm]]:
-    """Every table of the tree, depth first: (frame, level, first dfn it covers, words, inherited perms)."""
+    """Every table of the tree, depth first: (frame, level, first dfn it covers, words, inherited perms).
+
+    ``root_perms`` is what the tree may grant at most (see ``walk``); it is inherited by every table.
+    """
     seen = 0
     # stack items: (frame, level, first dfn, ancestors, perms inherited from above)
     stack: list[tuple[int, int, int, frozenset[int], Perm]] = [
-        (root_mfn + r, levels, r << (9 * levels), frozenset(), Perm.RW) for r in reversed(range(root_pages))
+        (root_mfn + r, levels, r << (9 * levels), frozenset(), root_perms) for r in reversed(range(root_pages))
     ]
     while stack:
         frame, level, base, ancestors, inherited = stack.pop()
@@ -171,6 +192,7 @@ def mappings(
     root_pages: int = 1,
     max_tables: int = 1 << 20,
     problems: list[str] | None = None,
+    root_perms: Perm = Perm.RW,
 ) -> list[Mapping]:
     """Every translation of the tree, coalesced into runs of contiguous, same-permission frames.
 
@@ -179,7 +201,7 @@ def mappings(
     """
     runs: list[Mapping] = []
     for frame, level, base, words, inherited in walk_tables(
-        reader, fmt, root_mfn, levels, root_pages=root_pages, max_tables=max_tables
+        reader, fmt, root_mfn, levels, root_pages=root_pages, max_tables=max_tables, root_perms=root_perms
     ):
         present = fmt.present_array(words)
         if level > 1:

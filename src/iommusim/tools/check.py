@@ -14,7 +14,8 @@
 3. **Table pages.**  Every table page reachable from a domain's trees must be hypervisor memory and
    reachable from that domain only (no table shared by two domains); every page allocated to a domain's
    tables (its allocator owner, e.g. ``d1:iommu-pt``) must be reachable or queued for the deferred free
-   (else it is an orphan), and no table page may outlive its domain (a leak).
+   or for a flush the driver is owed (else it is an orphan), and no table page may outlive its domain (a
+   leak).
 
 The access policy (what a domain "owns or was granted"):
 
@@ -70,7 +71,7 @@ __all__ = [
     "check_image",
 ]
 
-TreeKey = tuple[int, int, int, int]  # TableRoot.key
+TreeKey = tuple[int, int, int, int, int]  # TableRoot.key
 _GRANT_TYPES = {P2mType.GRANT_MAP_RW: Perm.RW, P2mType.GRANT_MAP_RO: Perm.R, P2mType.MAP_FOREIGN: Perm.RW}
 _OWNER_RE = re.compile(r"^d(\d+):")
 _MAX_GRANT_LOOKUPS = 4096  # p2m lookups per offending range before it is reported as it stands
@@ -242,6 +243,7 @@ class _Checker:
                 tables.levels,
                 root_pages=tables.root_pages,
                 problems=problems,
+                root_perms=tables.perms,
             )
         except BadAddress as exc:
             self._walk_errors[key] = exc.message
@@ -556,11 +558,12 @@ class _Checker:
                 )
         pending: set[int] = set()
         any_root = next((t for _, t in roots), None)
-        for mfn, level in self.p.iommu.deferred_frees():
-            pending.add(mfn.value)
+        queued = [(mfn.value, level) for mfn, level in self.p.iommu.deferred_frees()]
+        for frame0, level in queued + self.tools.pending_frees(self.p):
+            pending.add(frame0)
             if any_root is not None and level > 1:
                 try:
-                    for frame, *_ in walk_tables(self.m.memory, any_root.fmt, mfn.value, level, max_tables=1 << 16):
+                    for frame, *_ in walk_tables(self.m.memory, any_root.fmt, frame0, level, max_tables=1 << 16):
                         pending.add(frame)
                 except BadAddress:
                     pass

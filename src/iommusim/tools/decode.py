@@ -45,6 +45,8 @@ DECODERS: dict[str, str] = {}
 DECODERS["vtd-sl"] = "iommusim.tools.adapters.vtd:SECOND_LEVEL_DECODER"
 DECODERS["vtd-root"] = "iommusim.tools.adapters.vtd:ROOT_TABLE_DECODER"
 DECODERS["arm-s2"] = "iommusim.tools.adapters.smmu:STAGE2_DECODER"
+DECODERS["amd-v1"] = "iommusim.tools.adapters.amd:V1_DECODER"
+DECODERS["amd-dt"] = "iommusim.tools.adapters.amd:DEVICE_TABLE_DECODER"
 
 
 @dataclass

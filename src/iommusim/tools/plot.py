@@ -33,7 +33,6 @@ __all__ = ["plot_address_map", "plot_iotlb_timeline"]
 _PERM_COLOUR = {Perm.RW: "#2ca02c", Perm.R: "#1f77b4", Perm.W: "#ff7f0e", Perm.NONE: "#7f7f7f"}
 _PERM_NAME = {Perm.RW: "read-write", Perm.R: "read-only", Perm.W: "write-only", Perm.NONE: "no access"}
 _SIZE_WIDTH = {12: 1.5, 21: 3.5, 30: 6.0}
-_SIZE_NAME = {12: "4K pages", 21: "2M pages", 30: "1G pages"}
 _EVENT_ROWS = ["hit", "miss", "fill", "evict", "inv-page", "inv-domain", "inv-all"]
 _EVENT_COLOUR = {
     "hit": "#2ca02c",
@@ -44,6 +43,21 @@ _EVENT_COLOUR = {
     "inv-domain": "#8c564b",
     "inv-all": "#e377c2",
 }
+
+
+def _size_width(shift: int) -> float:
+    """Line width for a page size: the usual three, and sizes between them (AMD NextLevel-7 pages) between."""
+    if shift in _SIZE_WIDTH:
+        return _SIZE_WIDTH[shift]
+    return min(8.0, max(1.0, 1.5 + (shift - 12) * (6.0 - 1.5) / 18))
+
+
+def _size_name(shift: int) -> str:
+    size = 1 << shift
+    for unit, bits in (("T", 40), ("G", 30), ("M", 20), ("K", 10)):
+        if size >= 1 << bits:
+            return f"{size >> bits}{unit} pages"
+    return f"{size}-byte pages"
 
 
 def _tick_step(span: float) -> int:
@@ -75,7 +89,7 @@ def plot_address_map(
         by_style.setdefault((perms, m.page_shift), []).append([(m.dfn, m.mfn), (m.dfn_end, m.mfn + m.pages)])
         starts.setdefault(perms, []).append((m.dfn, m.mfn))
     for (perms, shift), segs in sorted(by_style.items(), key=lambda kv: (kv[0][1], int(kv[0][0]))):
-        lc = LineCollection(segs, colors=_PERM_COLOUR[perms], linewidths=_SIZE_WIDTH.get(shift, 2.0), zorder=2)
+        lc = LineCollection(segs, colors=_PERM_COLOUR[perms], linewidths=_size_width(shift), zorder=2)
         ax.add_collection(lc)
     for perms, pts in starts.items():
         arr = np.array(pts, dtype=float)
@@ -100,11 +114,11 @@ def plot_address_map(
     pages: Counter[int] = Counter()
     for m in mappings:
         pages[m.page_shift] += m.pages
-    summary = ", ".join(f"{n} pages in {_SIZE_NAME.get(s, str(s))}" for s, n in sorted(pages.items()))
+    summary = ", ".join(f"{n} pages in {_size_name(s)}" for s, n in sorted(pages.items()))
     ax.set_title((title + "\n" if title else "") + (summary or "nothing mapped"), fontsize=10)
     handles = [Line2D([], [], color=_PERM_COLOUR[p], lw=3, label=_PERM_NAME[p]) for p in starts]
     handles += [
-        Line2D([], [], color="black", lw=_SIZE_WIDTH[s], label=_SIZE_NAME[s]) for s in sorted({k[1] for k in by_style})
+        Line2D([], [], color="black", lw=_size_width(s), label=_size_name(s)) for s in sorted({k[1] for k in by_style})
     ]
     if owned:
         handles.append(Line2D([], [], color="#dddddd", lw=8, label="frames the domain owns"))

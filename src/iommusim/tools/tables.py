@@ -52,25 +52,32 @@ def _size_text(shift: int) -> str:
 
 @dataclass(frozen=True)
 class TableRoot:
-    """One tree the hardware walks: its format, root frame, number of levels and concatenated root pages."""
+    """One tree the hardware walks: its format, root frame, number of levels and concatenated root pages.
+
+    ``perms`` is what the structure naming the root lets the tree grant at most (an AMD device-table
+    entry's IR and IW); every translation of the tree is capped by it.
+    """
 
     fmt: PageTableFormat
     root_mfn: int
     levels: int
     root_pages: int = 1
+    perms: Perm = Perm.RW
 
     @property
     def root_maddr(self) -> int:
         return self.root_mfn << PAGE_SHIFT
 
     @property
-    def key(self) -> tuple[int, int, int, int]:
-        """Identity of the tree for caching within one inspection (the format object, root, shape)."""
-        return (id(self.fmt), self.root_mfn, self.levels, self.root_pages)
+    def key(self) -> tuple[int, int, int, int, int]:
+        """Identity of the tree for caching within one inspection (the format object, root, shape, cap)."""
+        return (id(self.fmt), self.root_mfn, self.levels, self.root_pages, int(self.perms))
 
     def describe(self) -> str:
         roots = f" x{self.root_pages} concatenated" if self.root_pages > 1 else ""
-        return f"{self.fmt.name or type(self.fmt).__name__} tables at {self.root_maddr:#x}{roots}, {self.levels} levels"
+        capped = f", capped at {self.perms.short()}" if self.perms != Perm.RW else ""
+        name = self.fmt.name or type(self.fmt).__name__
+        return f"{name} tables at {self.root_maddr:#x}{roots}, {self.levels} levels{capped}"
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -78,6 +85,7 @@ class TableRoot:
             "root": f"{self.root_maddr:#x}",
             "levels": self.levels,
             "root_pages": self.root_pages,
+            "perms": self.perms.short(),
         }
 
 
@@ -102,6 +110,7 @@ def table_mappings(
         root_pages=root.root_pages,
         max_tables=max_tables,
         problems=problems,
+        root_perms=root.perms,
     )
 
 
@@ -196,18 +205,23 @@ class MappingIndex:
 
 @dataclass
 class LeafRun:
-    """Consecutive leaf entries of one table that map consecutive frames with the same rights."""
+    """Consecutive leaf entries of one table that map consecutive frames with the same rights.
+
+    Each entry covers one slot of its table (``slot_pages`` frames).  A page larger than a slot (an AMD
+    NextLevel-7 page) is replicated in every slot it spans, each replica translating its own slot.
+    """
 
     first_index: int
     count: int
     dfn: int
-    mfn: int
+    mfn: int  # where the first slot of the run lands
     page_shift: int
     perms: Perm
+    slot_pages: int = 1
 
     @property
     def pages(self) -> int:
-        return self.count << (self.page_shift - PAGE_SHIFT)
+        return self.count * self.slot_pages
 
     def describe(self) -> str:
         idx = (
@@ -216,7 +230,10 @@ class LeafRun:
         last_d, last_m = self.dfn + self.pages - 1, self.mfn + self.pages - 1
         span = f"dfn {self.dfn:#x}" if self.pages == 1 else f"dfn {self.dfn:#x}-{last_d:#x}"
         out = f"mfn {self.mfn:#x}" if self.pages == 1 else f"mfn {self.mfn:#x}-{last_m:#x}"
-        many = f" x{self.count}" if self.count > 1 else ""
+        if (1 << (self.page_shift - PAGE_SHIFT)) > self.slot_pages:  # one page replicated in several slots
+            many = f" in {self.count} slot{'s' if self.count > 1 else ''}"
+        else:
+            many = f" x{self.count}" if self.count > 1 else ""
         return f"{idx} {span} -> {out} {self.perms.short()} {_size_text(self.page_shift)}{many}"
 
     def to_json(self) -> dict[str, Any]:
@@ -299,11 +316,14 @@ def _leaf_runs(fmt: PageTableFormat, words: U64Array, level: int, base: int, inh
     raws = words[idx]
     shifts = fmt.leaf_shift_array(raws, level).astype(np.int64)
     perms = fmt.perms_array(raws, level)
-    if fmt.hierarchical_perms and inherited != Perm.RW:
+    if inherited != Perm.RW:
         perms = perms & np.uint8(inherited)
-    addrs = fmt.address_array(raws).astype(np.int64) >> PAGE_SHIFT
     span_pages = 1 << (level_shift(level) - PAGE_SHIFT)
-    # a leaf of a smaller size than the level's (a format that encodes it) still steps by the level's span
+    # where each slot lands: the page's base plus the slot's offset within the page (a page that spans
+    # several slots, replicated in each, carries size bits in its address field: the size mask drops them)
+    size_mask = (np.int64(1) << shifts) - 1
+    slot_daddr = (base + (idx.astype(np.int64) << (9 * (level - 1)))) << PAGE_SHIFT
+    addrs = ((fmt.address_array(raws).astype(np.int64) & ~size_mask) | (slot_daddr & size_mask)) >> PAGE_SHIFT
     step = np.int64(span_pages)
     brk = np.ones(idx.shape, dtype=bool)
     brk[1:] = (
@@ -318,7 +338,15 @@ def _leaf_runs(fmt: PageTableFormat, words: U64Array, level: int, base: int, inh
     for s, e in zip(starts.tolist(), ends.tolist(), strict=True):
         i = int(idx[s])
         out.append(
-            LeafRun(i, e - s, base + (i << (9 * (level - 1))), int(addrs[s]), int(shifts[s]), Perm(int(perms[s])))
+            LeafRun(
+                i,
+                e - s,
+                base + (i << (9 * (level - 1))),
+                int(addrs[s]),
+                int(shifts[s]),
+                Perm(int(perms[s])),
+                span_pages,
+            )
         )
     return out
 
@@ -332,7 +360,13 @@ def build_tree(
     tops: list[TableNode] = []
     tables = shown = 0
     for frame, level, base, words, inherited in walk_tables(
-        reader, fmt, root.root_mfn, root.levels, root_pages=root.root_pages, max_tables=max_tables
+        reader,
+        fmt,
+        root.root_mfn,
+        root.levels,
+        root_pages=root.root_pages,
+        max_tables=max_tables,
+        root_perms=root.perms,
     ):
         tables += 1
         node = pending.pop((frame, base), None)

@@ -12,6 +12,8 @@ provides:
 * ``domain_tables(platform, d)``: where the driver keeps a domain's tables (what Xen's "dump IOMMU page
   tables" key reads), for dumps of domains without a device;
 * ``table_owner(domid)``: the allocator owner of a domain's table pages (orphan and leak checks);
+* ``pending_frees(platform)``: table pages the driver unhooked and frees once a flush it is owed is done
+  (not orphans), as (frame, level);
 * ``iotlbs``/``cached_translations``/``cache_summaries``: the translation caches to compare with memory;
 * ``fault_reasons(record)``: the names a scenario may use to expect a fault (vendor reason codes);
 * ``reserved_regions(platform)``: ranges firmware asks to identity-map for devices (RMRR, IVMD);
@@ -59,6 +61,7 @@ VENDOR_TITLES: dict[str, str] = {"vtd": "Intel VT-d", "amd": "AMD-Vi", "smmu": "
 TOOL_ADAPTERS: dict[str, str] = {}
 TOOL_ADAPTERS["vtd"] = "iommusim.tools.adapters.vtd:ADAPTER"
 TOOL_ADAPTERS["smmu"] = "iommusim.tools.adapters.smmu:ADAPTER"
+TOOL_ADAPTERS["amd"] = "iommusim.tools.adapters.amd:ADAPTER"
 
 
 class ContextMode(Enum):
@@ -155,6 +158,8 @@ class VendorTools(Protocol):
     def domain_tables(self, platform: Platform, d: Domain) -> TableRoot | None: ...
 
     def table_owner(self, domid: int) -> str: ...
+
+    def pending_frees(self, platform: Platform) -> list[tuple[int, int]]: ...
 
     def iotlbs(self, platform: Platform) -> dict[str, Iotlb]: ...
 

@@ -452,6 +452,10 @@ class AmdIommu:
         """The remote IOTLB the model keeps for a device with DTE.I set (None if it has none)."""
         return self._atc.get(devid)
 
+    def atcs(self) -> dict[int, Iotlb]:
+        """Every device's remote IOTLB the model keeps, by device id (for inspection tools)."""
+        return dict(self._atc)
+
     def counters(self) -> Mapping[str, int]:
         out = dict(self.stats)
         out["iotlb_size"] = len(self.iotlb)

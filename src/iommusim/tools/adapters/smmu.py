@@ -134,6 +134,9 @@ class SmmuTools:
     def table_owner(self, domid: int) -> str:
         return f"d{domid}:p2m"
 
+    def pending_frees(self, platform: Platform) -> list[tuple[int, int]]:
+        return []  # the p2m frees its pages itself
+
     def iotlbs(self, platform: Platform) -> dict[str, Iotlb]:
         return {u.name: u.tlb for u in _units(platform)}
 

@@ -166,6 +166,9 @@ class VtdTools:
     def table_owner(self, domid: int) -> str:
         return f"d{domid}:iommu-pt"
 
+    def pending_frees(self, platform: Platform) -> list[tuple[int, int]]:
+        return []  # the driver frees through the generic deferred list only
+
     # -- caches ----------------------------------------------------------------------------------------------
 
     def iotlbs(self, platform: Platform) -> dict[str, Iotlb]:

@@ -633,6 +633,7 @@ class ScenarioRunner:
                 tables.levels,
                 dfn << 12,
                 root_pages=tables.root_pages,
+                root_perms=tables.perms,
             )
             got = (w.maddr >> 12, w.perms, w.entry.page_shift) if w.ok else None
         rec.result["mapping"] = (
