@@ -414,6 +414,8 @@ class Iommu:
         self.run_cleanup()
 
     def domain_destroy(self, d: Domain) -> None:
+        # windows its callers left open die with it: a later domain with the same id must not inherit them
+        self.ledger.flushed_all(d.domid)
         if self._ops_for(d) is None:
             return
         self.teardown(d)
