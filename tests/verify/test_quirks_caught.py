@@ -48,6 +48,8 @@ class Probe:
     says: str  # and a piece of its message
     #: for a Dfn that stays mapped (elsewhere): the stale bytes the defect returns; the access itself is allowed
     stale: bytes | None = None
+    #: the defect refuses an access that must work (a broken context) rather than letting one through
+    refuses: bool = False
 
 
 PROBES: dict[str, Probe] = {
@@ -64,6 +66,9 @@ PROBES: dict[str, Probe] = {
     "quirk-amd-iotlb-s-bit-zero": Probe("amd-iotlb-s-bit-zero", "unmap", NIC, 0x102, False, "stale-tlb", "device-tlb"),
     "quirk-amd-unity-map-seed": Probe("amd-unity-map-seed", "deassign", DISK, 0x3E001, False, "escape", "0x3e000"),
     "quirk-arm-p2m-no-smmu-flush": Probe("arm-p2m-no-smmu-flush", 2, NIC, 0x101, False, "stale-tlb", "dfn 0x101"),
+    "quirk-smmu-sl0-level1": Probe(
+        "smmu-sl0-level1", "booted", NIC, 0x101, False, "context", "TCR describes no stage-2 walk", refuses=True
+    ),
 }
 
 
@@ -103,7 +108,7 @@ def test_every_quirk_scenario_is_probed_here() -> None:
     shipped = {n for n in packaged_scenarios() if n.startswith("quirk-")}
     assert set(PROBES) <= shipped
     assert shipped - set(PROBES) == {"quirk-vtd-dfn-truncated"}  # aliasing inside d1: no isolation to break
-    assert len(PROBES) + 2 >= 6  # with the two Python-only defects below
+    assert len(PROBES) + 2 >= 10  # with the two Python-only defects below
 
 
 @pytest.mark.parametrize("name", sorted(PROBES))
@@ -119,7 +124,7 @@ def test_check_catches_the_defect_and_passes_without_the_quirk(name: str) -> Non
     assert on.failure is None, on.failure
     assert on.platform is not None
     got = _access(on.platform, probe)
-    assert got is not None, "the defect lets the access through"
+    assert (got is None) == probe.refuses, "the defect lets the access through (or refuses a good one)"
     if probe.stale is not None:
         assert got == probe.stale
     report = check(on.platform, grants=on.grants)
@@ -134,6 +139,8 @@ def test_check_catches_the_defect_and_passes_without_the_quirk(name: str) -> Non
     got = _access(off.platform, probe)
     if probe.stale is not None:
         assert got is not None and got != probe.stale, "without the quirk the access reaches the new page"
+    elif probe.refuses:
+        assert got is not None, "without the quirk the device reaches its own page"
     else:
         assert got is None, "without the quirk the access is refused"
     assert check(off.platform, grants=off.grants).ok
