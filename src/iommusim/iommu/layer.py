@@ -46,6 +46,7 @@ __all__ = ["Iommu", "ProgressFn"]
 ProgressFn = Callable[[int, int], None]
 
 _VALID_PERMS = int(Perm.RW)
+_EVERY_DFN = 1 << 52  # more Dfns than any vendor's widest address space has
 
 
 class Iommu:
@@ -231,6 +232,8 @@ class Iommu:
             ops.iotlb_flush(d, dfn, count, flags)
             self.ledger.flushed(d.domid, dfn.value, count)
         except IommuError as exc:
+            # the flush did not happen: the window stays open, and is now a reported one (the error below)
+            self.ledger.note(d.domid, dfn.value, count)
             exc.with_context(op="iotlb_flush", domain=d)
             self._fail(d, exc, f"d{d.domid}: IOMMU IOTLB flush of dfn {dfn.xen()}, {count} page(s), failed")
             raise
@@ -246,6 +249,7 @@ class Iommu:
             ops.iotlb_flush_all(d)
             self.ledger.flushed_all(d.domid)
         except IommuError as exc:
+            self.ledger.note(d.domid, 0, _EVERY_DFN)  # as iotlb_flush: every window stays open, reported
             exc.with_context(op="iotlb_flush_all", domain=d)
             self._fail(d, exc, f"d{d.domid}: IOMMU IOTLB flush of everything failed")
             raise
@@ -410,6 +414,8 @@ class Iommu:
         self.run_cleanup()
 
     def domain_destroy(self, d: Domain) -> None:
+        # windows its callers left open die with it: a later domain with the same id must not inherit them
+        self.ledger.flushed_all(d.domid)
         if self._ops_for(d) is None:
             return
         self.teardown(d)

@@ -213,6 +213,9 @@ class _Checker:
         self.tree_of: dict[TreeKey, TableRoot] = {}
         self.by_tag: defaultdict[tuple[str, int], set[tuple[int | None, TreeKey]]] = defaultdict(set)
         self.by_source: dict[tuple[str, int], tuple[int | None, DeviceContext]] = {}
+        # filled by allowed_masks(): frames beyond RAM a domain may reach (reserved regions, grants), as
+        # (first, end, writable); the RAM masks cannot hold them
+        self.beyond_ok: dict[int, list[tuple[int, int, bool]]] = {}
 
     # -- helpers -----------------------------------------------------------------------------------------
 
@@ -356,17 +359,22 @@ class _Checker:
                 any_ok[:] = True
                 w_ok[:] = True
         owned_devices = {str(dev.sbdf) for dev in d.pci_devices}
+        extra = self.beyond_ok.setdefault(d.domid, [])
         for r in self.tools.reserved_regions(self.p):
             if not r.devices or owned_devices & set(r.devices):
                 lo, hi = min(r.first_mfn, self.ram), min(r.first_mfn + r.count, self.ram)
                 any_ok[lo:hi] = True
                 w_ok[lo:hi] = True
+                if r.first_mfn + r.count > self.ram:
+                    extra.append((max(r.first_mfn, self.ram), r.first_mfn + r.count, True))
         for g in self.grants:
             if g.domid == d.domid:
                 lo, hi = min(g.first_mfn, self.ram), min(g.first_mfn + g.count, self.ram)
                 any_ok[lo:hi] = True
                 if g.perms & Perm.W:
                     w_ok[lo:hi] = True
+                if g.first_mfn + g.count > self.ram:
+                    extra.append((max(g.first_mfn, self.ram), g.first_mfn + g.count, bool(g.perms & Perm.W)))
         return any_ok, w_ok, beyond
 
     def p2m_granted(self, d: Domain | None, dfn: int, mfn: int, write: bool) -> bool:
@@ -425,7 +433,17 @@ class _Checker:
             self.escape(d, owner, use, dfn + start, mfn + start, count, perms)
         if mfn + pages > self.ram and not beyond:
             first = max(mfn, self.ram)
-            self.escape(d, owner, use, dfn + (first - mfn), first, mfn + pages - first, perms)
+            for lo, hi in self.beyond_not_allowed(owner, first, mfn + pages, bool(perms & Perm.W)):
+                self.escape(d, owner, use, dfn + (lo - mfn), lo, hi - lo, perms)
+
+    def beyond_not_allowed(self, owner: int | None, first: int, end: int, write: bool) -> list[tuple[int, int]]:
+        """The parts of ``[first, end)`` (beyond RAM) no reserved region or grant of the owner covers."""
+        left = [(first, end)]
+        for lo, hi, writable in self.beyond_ok.get(owner, []) if owner is not None else []:
+            if write and not writable:
+                continue
+            left = [piece for a, b in left for piece in ((a, min(b, lo)), (max(a, hi), b)) if piece[0] < piece[1]]
+        return left
 
     def escape(
         self, d: Domain | None, owner: int | None, use: _DeviceUse, dfn: int, mfn: int, n: int, perms: Perm
