@@ -1,0 +1,133 @@
+"""AMD-Vi's side of the fast batch engine: the v1 walk over arrays (skipped levels, NextLevel 0 and 7).
+
+A plan exists while the device's DTE sits in the DTE cache and describes a walk (V=1, TV=1, no reserved
+bits, paging mode 1..the unit's levels) without a device-side IOTLB (DTE.I, whose ATC the engine does not
+model); addresses in the exclusion range, beyond the mode's reach, or asking for rights the DTE denies are
+answered by ``translate``, as is everything the walk refuses.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from iommusim.hw.amd import regs
+from iommusim.hw.amd.structs import Dte
+from iommusim.hw.fastbatch import BatchPlan, BoolArray, U8Array, U64Array, swap_attrs
+from iommusim.hw.fastwalk import LEAF, POINTER, STOP, Step, VecWalk, WalkRoot, walk_many
+from iommusim.hw.iotlb import Iotlb
+from iommusim.machine.memory import MachineMemory
+from iommusim.pagetable.amd import (
+    LEAF_LEVELS,
+    NL_LEAF,
+    NL_SIZED,
+    PDE_RESERVED,
+    PR,
+    PTE_RESERVED,
+    AmdV1Format,
+    beyond_reach_mask,
+)
+from iommusim.pagetable.format import level_shift
+
+if TYPE_CHECKING:
+    from iommusim.hw.amd.unit import AmdIommu
+
+__all__ = ["AmdDecoder", "AmdPlan", "bypassing_caches"]
+
+_LOW52 = np.uint64((1 << 52) - 1)
+_ONE = np.uint64(1)
+
+
+class AmdDecoder:
+    """v1 entries as ``walk_v1`` reads them, over arrays."""
+
+    def __init__(self, memory: MachineMemory, max_levels: int) -> None:
+        self.max_mfn = np.uint64(memory.max_mfn)
+        self.max_levels = max_levels
+
+    def readable(self, mfns: U64Array) -> BoolArray:
+        out: BoolArray = mfns <= self.max_mfn
+        return out
+
+    def step(self, raw: U64Array, level: int) -> Step:
+        n = raw.size
+        present = (raw & np.uint64(PR)) != 0
+        nl = ((raw >> np.uint64(9)) & np.uint64(7)).astype(np.int8)
+        perms = ((raw >> np.uint64(61)) & np.uint64(3)).astype(np.uint8)
+        kind = np.full(n, STOP, dtype=np.int8)
+        shift = np.full(n, level_shift(level), dtype=np.uint8)
+        ptr = present & (nl != NL_LEAF) & (nl != NL_SIZED) & (nl < level) & (nl <= self.max_levels)
+        ptr &= (raw & np.uint64(PDE_RESERVED)) == 0
+        kind[ptr] = POINTER
+        if level in LEAF_LEVELS:
+            leafish = present & ((raw & np.uint64(PTE_RESERVED)) == 0)
+            kind[leafish & (nl == NL_LEAF)] = LEAF
+            sized = leafish & (nl == NL_SIZED)
+            if sized.any():
+                s = AmdV1Format._sized_shift_array(raw[sized])
+                good = (s > level_shift(level)) & (s < level_shift(level + 1)) & (s <= 52)
+                idx = np.flatnonzero(sized)
+                kind[idx[good]] = LEAF
+                shift[idx] = s.astype(np.uint8)
+        low = (_ONE << shift.astype(np.uint64)) - _ONE
+        base = raw & _LOW52 & ~low
+        nxt_mfn = (raw & _LOW52) >> np.uint64(12)
+        return Step(kind, nxt_mfn, nl, perms, base, shift)
+
+
+class AmdPlan(BatchPlan):
+    def __init__(self, unit: AmdIommu, devid: int, dte: Dte) -> None:
+        self.unit = unit
+        self.devid = devid
+        self.dte = dte
+        self.tag = dte.domain_id
+        self.iotlb = unit.iotlb
+        self.counters = unit.stats
+        self.volatile = unit.irq_handler is not None
+        self.dte_perms = int(dte.ir) | (int(dte.iw) << 1)
+
+    def exceptional(self, addrs: U64Array, accs: U8Array) -> BoolArray:
+        u = self.unit
+        out: BoolArray = (accs & np.uint8(~self.dte_perms & 3)) != 0
+        reach = beyond_reach_mask(self.dte.mode)
+        if reach:
+            out |= (addrs & np.uint64(reach)) != 0
+        ex = u._exbase.value
+        if ex & regs.EXCL_ENABLE and (ex & regs.EXCL_ALLOW or self.dte.allow_exclusion):
+            lo, hi = ex & regs.BASE_ADDR_MASK, u._exlimit.value | 0xFFF
+            out |= (addrs >= np.uint64(lo)) & (addrs <= np.uint64(hi))
+        return out
+
+    def walk(self, addrs: U64Array, skip: BoolArray) -> VecWalk:
+        u = self.unit
+        root = WalkRoot(self.dte.root >> 12, self.dte.mode, perms=self.dte_perms, skips=True)
+        return walk_many(u.memory, AmdDecoder(u.memory, u.paging_levels), root, addrs, skip)
+
+    def account(self, n: int, walks: int, reads: int) -> None:
+        s = self.counters
+        if n:
+            s["translations"] += n
+            s["dte_cache_hits"] += n
+            d = self.unit.dte_cache._d
+            if self.devid in d:
+                d.move_to_end(self.devid)
+            self.unit._atc.pop(self.devid, None)
+        s["walks"] += walks
+        s["walk_reads"] += reads
+
+
+@contextmanager
+def bypassing_caches(unit: AmdIommu) -> Iterator[None]:
+    """The IOTLB and the devices' remote IOTLBs replaced by empty ones counting elsewhere."""
+    iotlb = unit.iotlb
+    yield from swap_attrs(
+        unit,
+        {
+            "iotlb": lambda: Iotlb(iotlb.capacity, page_shifts=iotlb.page_shifts, counters=Counter()),
+            "_atc": dict,
+        },
+    )

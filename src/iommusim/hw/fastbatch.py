@@ -1,0 +1,322 @@
+"""The fast batch engine every hardware model shares: vectorised walks, a tight IOTLB loop, scalar fallback.
+
+A unit that offers ``translate_batch``/``replay`` gives this engine a ``BatchPlan`` for a device: what it
+resolved from its context caches without side effects (the tag, the walk's root, which addresses it would
+refuse before the IOTLB), how to walk many addresses at once (``hw.fastwalk``), and what a translation on
+the fast path does to its counters and other caches.  The engine then
+
+* walks every address from memory over numpy arrays;
+* with the IOTLB bypassed, answers every address whose walk succeeds from the arrays, and hands every other
+  address, in order, to the unit's own ``translate`` with its translation caches swapped for empty ones
+  (so faults are classified and recorded by the scalar code, in the order the sequence would make them);
+* through the IOTLB, runs the addresses in order in a tight loop: a hit is answered from the entry, a miss
+  whose walk succeeded fills the IOTLB from the arrays, and anything else (a miss the walk refuses, a hit
+  that refuses the access, a stale paging-structure cache entry) is one call of ``translate``.
+
+After a fallback that may have changed what later addresses see (software ran from an interrupt handler,
+or the unit wrote memory, e.g. an event log), the plan and the walk are made again for the rest.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from iommusim.errors import DmaFault, InvalidArgument
+from iommusim.hw.base import Translation
+from iommusim.hw.batch import BatchResult, ReplayStats, fault_code
+from iommusim.hw.fastwalk import VecWalk
+from iommusim.hw.iotlb import Iotlb, IotlbEntry
+from iommusim.machine.memory import MachineMemory
+from iommusim.perms import Perm
+
+__all__ = ["BatchPlan", "BatchUnit", "fast_replay", "fast_translate_batch"]
+
+U64Array = npt.NDArray[np.uint64]
+U8Array = npt.NDArray[np.uint8]
+BoolArray = npt.NDArray[np.bool_]
+
+PERMS = (Perm(0), Perm(1), Perm(2), Perm(3))
+
+
+class BatchPlan(ABC):
+    """One device's translation as a unit resolved it for a batch (built without side effects)."""
+
+    tag: int
+    iotlb: Iotlb
+    counters: Counter[str]
+    #: software may run when a fault is recorded (an interrupt handler is connected): re-plan after one
+    volatile: bool = False
+    #: the unit has caches besides the IOTLB that a miss consults (``before_fill`` must be called)
+    fill_hook: bool = False
+
+    @abstractmethod
+    def exceptional(self, addrs: U64Array, accs: U8Array) -> BoolArray:
+        """Addresses the unit answers before its IOTLB in a way the fast path does not model."""
+
+    @abstractmethod
+    def walk(self, addrs: U64Array, skip: BoolArray) -> VecWalk:
+        """The walk from memory of every address (``skip``: leave not ok)."""
+
+    @abstractmethod
+    def account(self, n: int, walks: int, reads: int) -> None:
+        """Count ``n`` translations made on the fast path, ``walks`` of them walks reading ``reads`` entries."""
+
+    def before_fill(self, daddr: int, l1_mfn: int, l1_perms: int) -> bool:
+        """On an IOTLB miss about to be filled from the arrays: consult the other caches as the unit would.
+
+        Returns False, having changed nothing, when the unit would not use the arrays' walk (then the
+        address goes to ``translate``)."""
+        return True
+
+    def entry(self, daddr: int, base: int, shift: int, perms: int) -> IotlbEntry:
+        """The IOTLB entry a walk that found the page at ``base`` of size ``1 << shift`` leaves."""
+        return IotlbEntry(self.tag, daddr >> shift, shift, base, PERMS[perms])
+
+
+class BatchUnit(Protocol):
+    """What a unit gives the engine (the unit classes implement it)."""
+
+    memory: MachineMemory
+
+    def translate(self, source_id: int, daddr: int, access: Perm) -> Translation: ...
+
+    def counters(self) -> Mapping[str, int]: ...
+
+    def _batch_plan(self, source_id: int) -> BatchPlan | None:
+        """The plan for a device, or None when the unit's own ``translate`` must answer the next address."""
+        ...
+
+    def _bypassing_caches(self) -> AbstractContextManager[None]:
+        """Swap every translation cache below the context (IOTLB and the like) for empty throwaways."""
+        ...
+
+
+@dataclass
+class _Out:
+    maddrs: U64Array
+    faults: npt.NDArray[np.uint16]
+    shifts: U8Array
+    cached: BoolArray
+    hits: U8Array | None = None
+    misses: U8Array | None = None
+    evictions: npt.NDArray[np.uint16] | None = None
+
+    @classmethod
+    def make(cls, n: int, steps: bool) -> _Out:
+        out = cls(
+            np.zeros(n, dtype=np.uint64), np.zeros(n, dtype=np.uint16), np.zeros(n, dtype=np.uint8), np.zeros(n, bool)
+        )
+        if steps:
+            out.hits = np.zeros(n, dtype=np.uint8)
+            out.misses = np.zeros(n, dtype=np.uint8)
+            out.evictions = np.zeros(n, dtype=np.uint16)
+        return out
+
+
+def _as_u64(daddrs: npt.ArrayLike) -> U64Array:
+    arr = np.asarray(daddrs)
+    if arr.ndim != 1:
+        raise InvalidArgument("device addresses come as a one-dimensional array")
+    if arr.size and arr.dtype.kind == "i" and int(arr.min()) < 0:
+        raise InvalidArgument("device addresses are not negative")
+    return arr.astype(np.uint64, copy=False)
+
+
+def _iotlb_counts(unit: BatchUnit) -> tuple[int, int, int]:
+    c = unit.counters()
+    return int(c.get("iotlb_hits", 0)), int(c.get("iotlb_misses", 0)), int(c.get("iotlb_evictions", 0))
+
+
+def _scalar(unit: BatchUnit, out: _Out, i: int, sid: int, daddr: int, acc: int) -> None:
+    """One address through the unit's own translate (the definition of every case)."""
+    before = _iotlb_counts(unit) if out.hits is not None else None
+    try:
+        t = unit.translate(sid, daddr, PERMS[acc])
+    except DmaFault as exc:
+        out.faults[i] = fault_code(exc)
+    else:
+        out.maddrs[i] = t.maddr
+        out.shifts[i] = t.page_shift
+        out.cached[i] = t.cached
+    if before is not None:
+        assert out.hits is not None and out.misses is not None and out.evictions is not None
+        after = _iotlb_counts(unit)
+        out.hits[i] = after[0] - before[0]
+        out.misses[i] = after[1] - before[1]
+        out.evictions[i] = after[2] - before[2]
+
+
+def _maddrs(addrs: U64Array, base: U64Array, shift: U8Array) -> U64Array:
+    low = (np.uint64(1) << shift.astype(np.uint64)) - np.uint64(1)
+    out: U64Array = base | (addrs & low)
+    return out
+
+
+# -- IOTLB bypassed ------------------------------------------------------------------------------------------
+
+
+def _bypass_run(unit: BatchUnit, sid: int, addrs: U64Array, accs: U8Array, out: _Out) -> None:
+    n = addrs.size
+    start = 0
+    while start < n:
+        plan = unit._batch_plan(sid)
+        if plan is None:
+            with unit._bypassing_caches():
+                _scalar(unit, out, start, sid, int(addrs[start]), int(accs[start]))
+            start += 1
+            continue
+        seg, acc = addrs[start:], accs[start:]
+        exc = plan.exceptional(seg, acc)
+        w = plan.walk(seg, exc)
+        fast = w.ok & ((acc & ~w.perms) == 0)
+        slow = np.flatnonzero(~fast).tolist()
+        stop = seg.size
+        written = unit.memory.words_written
+        for j in slow:
+            with unit._bypassing_caches():
+                _scalar(unit, out, start + j, sid, int(seg[j]), int(acc[j]))
+            if plan.volatile or unit.memory.words_written != written:
+                stop = j + 1
+                break
+        part = fast[:stop]
+        idx = np.flatnonzero(part)
+        if idx.size:
+            sl = slice(start, start + stop)
+            out.maddrs[sl][idx] = _maddrs(seg[idx], w.base[idx], w.shift[idx])
+            out.shifts[sl][idx] = w.shift[idx]
+            plan.account(int(idx.size), int(idx.size), int(w.reads[idx].sum(dtype=np.int64)))
+        start += stop
+
+
+# -- through the IOTLB ---------------------------------------------------------------------------------------
+
+
+def _iotlb_run(unit: BatchUnit, sid: int, addrs: U64Array, accs: U8Array, out: _Out) -> None:
+    n = addrs.size
+    start = 0
+    steps = out.hits is not None
+    while start < n:
+        plan = unit._batch_plan(sid)
+        if plan is None:
+            _scalar(unit, out, start, sid, int(addrs[start]), int(accs[start]))
+            start += 1
+            continue
+        start = _iotlb_segment(unit, plan, sid, addrs, accs, start, out, steps)
+
+
+def _iotlb_segment(
+    unit: BatchUnit,
+    plan: BatchPlan,
+    sid: int,
+    addrs: U64Array,
+    accs: U8Array,
+    start: int,
+    out: _Out,
+    steps: bool,
+) -> int:
+    """Run addresses from ``start`` until the end or a fallback that calls for a new plan; returns where."""
+    seg, acc = addrs[start:], accs[start:]
+    exc = plan.exceptional(seg, acc)
+    w = plan.walk(seg, exc)
+    walk_ok = (w.ok & ((acc & ~w.perms) == 0)).tolist()
+    exc_l = exc.tolist()
+    addr_l = seg.tolist()
+    acc_l = acc.tolist()
+    base_l, shift_l, perms_l, reads_l = w.base.tolist(), w.shift.tolist(), w.perms.tolist(), w.reads.tolist()
+    l1_l, l1p_l = (w.l1_mfn.tolist(), w.l1_perms.tolist()) if plan.fill_hook else (None, None)
+    iotlb, tag, memory = plan.iotlb, plan.tag, unit.memory
+    recording = iotlb.events is not None
+    maddrs, shifts, cached = out.maddrs, out.shifts, out.cached
+    hits_a, misses_a, evict_a = out.hits, out.misses, out.evictions
+    hits = misses = fast = reads = 0
+    written = memory.words_written
+    stop = len(addr_l)
+    for j in range(stop):
+        a = addr_l[j]
+        i = start + j
+        if not exc_l[j]:
+            found = iotlb.probe(tag, a)
+            if found is not None:
+                key, e = found
+                if not acc_l[j] & ~e.perms:
+                    iotlb.touch(key, a, count=recording)
+                    hits += 1
+                    fast += 1
+                    maddrs[i] = e.out | (a & ((1 << e.page_shift) - 1))
+                    shifts[i] = e.page_shift
+                    cached[i] = True
+                    if hits_a is not None:
+                        hits_a[i] = 1
+                    continue
+            elif walk_ok[j] and (l1_l is None or plan.before_fill(a, l1_l[j], l1p_l[j])):  # type: ignore[index]
+                misses += 1
+                fast += 1
+                reads += reads_l[j]
+                entry = plan.entry(a, base_l[j], shift_l[j], perms_l[j])
+                if recording:
+                    iotlb._event("miss", tag, a)
+                evicted = iotlb.insert(entry)
+                maddrs[i] = entry.out | (a & ((1 << entry.page_shift) - 1))
+                shifts[i] = entry.page_shift
+                if steps:
+                    assert misses_a is not None and evict_a is not None
+                    misses_a[i] = 1
+                    evict_a[i] = evicted
+                continue
+        _scalar(unit, out, i, sid, a, acc_l[j])
+        if plan.volatile or memory.words_written != written:
+            stop = j + 1
+            break
+    c = plan.counters
+    if not recording:
+        c["iotlb_hits"] += hits
+    c["iotlb_misses"] += misses
+    plan.account(fast, misses, reads)
+    return start + stop
+
+
+def fast_translate_batch(
+    unit: BatchUnit, source_id: int, daddrs: npt.ArrayLike, access: Perm, *, use_iotlb: bool = True
+) -> BatchResult:
+    """``BatchTranslator.translate_batch`` for a unit that gives plans."""
+    addrs = _as_u64(daddrs)
+    accs = np.full(addrs.size, int(access) & 3, dtype=np.uint8)
+    out = _Out.make(addrs.size, steps=False)
+    if use_iotlb:
+        _iotlb_run(unit, source_id, addrs, accs, out)
+    else:
+        _bypass_run(unit, source_id, addrs, accs, out)
+    return BatchResult(out.maddrs, out.faults, out.shifts, out.cached, iotlb_bypassed=not use_iotlb)
+
+
+def fast_replay(unit: BatchUnit, source_id: int, daddrs: npt.ArrayLike, accesses: npt.ArrayLike) -> ReplayStats:
+    """``BatchTranslator.replay`` for a unit that gives plans."""
+    addrs = _as_u64(daddrs)
+    acc = np.asarray(accesses)
+    if acc.shape != addrs.shape:
+        raise InvalidArgument("a trace has one access kind per address")
+    accs = (acc.astype(np.int64) & 3).astype(np.uint8)
+    out = _Out.make(addrs.size, steps=True)
+    _iotlb_run(unit, source_id, addrs, accs, out)
+    assert out.hits is not None and out.misses is not None and out.evictions is not None
+    return ReplayStats(out.maddrs, out.faults, out.hits, out.misses, out.evictions)
+
+
+def swap_attrs(obj: object, fresh: dict[str, Callable[[], object]]) -> Iterator[None]:
+    """Replace attributes of ``obj`` by fresh objects for the duration of a ``with`` (a generator body)."""
+    saved = {name: getattr(obj, name) for name in fresh}
+    try:
+        for name, make in fresh.items():
+            setattr(obj, name, make())
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(obj, name, value)
