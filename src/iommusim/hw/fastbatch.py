@@ -121,6 +121,12 @@ class _Out:
         return out
 
 
+def bump(counters: Counter[str], name: str, n: int) -> None:
+    """Add ``n`` to a counter, creating no zero entry (a Counter compares its zero entries too)."""
+    if n:
+        counters[name] += n
+
+
 def _as_u64(daddrs: npt.ArrayLike) -> U64Array:
     arr = np.asarray(daddrs)
     if arr.ndim != 1:
@@ -277,8 +283,8 @@ def _iotlb_segment(
             break
     c = plan.counters
     if not recording:
-        c["iotlb_hits"] += hits
-    c["iotlb_misses"] += misses
+        bump(c, "iotlb_hits", hits)
+    bump(c, "iotlb_misses", misses)
     plan.account(fast, misses, reads)
     return start + stop
 
@@ -305,8 +311,11 @@ def fast_replay(unit: BatchUnit, source_id: int, daddrs: npt.ArrayLike, accesses
         raise InvalidArgument("a trace has one access kind per address")
     accs = (acc.astype(np.int64) & 3).astype(np.uint8)
     out = _Out.make(addrs.size, steps=True)
+    counted = sum(_iotlb_counts(unit)[:2]) > 0
     _iotlb_run(unit, source_id, addrs, accs, out)
     assert out.hits is not None and out.misses is not None and out.evictions is not None
+    if not counted and not (out.hits.any() or out.misses.any()):  # as ReferenceBatch: judged by ``cached``
+        out.hits, out.misses = out.cached.astype(np.uint8), (~out.cached).astype(np.uint8)
     return ReplayStats(out.maddrs, out.faults, out.hits, out.misses, out.evictions)
 
 

@@ -17,7 +17,7 @@ import numpy as np
 
 from iommusim.hw.amd import regs
 from iommusim.hw.amd.structs import Dte
-from iommusim.hw.fastbatch import BatchPlan, BoolArray, U8Array, U64Array, swap_attrs
+from iommusim.hw.fastbatch import BatchPlan, BoolArray, U8Array, U64Array, bump, swap_attrs
 from iommusim.hw.fastwalk import LEAF, POINTER, STOP, Step, VecWalk, WalkRoot, walk_many
 from iommusim.hw.iotlb import Iotlb
 from iommusim.machine.memory import MachineMemory
@@ -110,14 +110,14 @@ class AmdPlan(BatchPlan):
     def account(self, n: int, walks: int, reads: int) -> None:
         s = self.counters
         if n:
-            s["translations"] += n
-            s["dte_cache_hits"] += n
+            bump(s, "translations", n)
+            bump(s, "dte_cache_hits", n)
             d = self.unit.dte_cache._d
             if self.devid in d:
                 d.move_to_end(self.devid)
             self.unit._atc.pop(self.devid, None)
-        s["walks"] += walks
-        s["walk_reads"] += reads
+        bump(s, "walks", walks)
+        bump(s, "walk_reads", reads)
 
 
 @contextmanager

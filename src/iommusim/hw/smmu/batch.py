@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from iommusim.frames import PAGE_SHIFT
-from iommusim.hw.fastbatch import PERMS, BatchPlan, BoolArray, U8Array, U64Array, swap_attrs
+from iommusim.hw.fastbatch import PERMS, BatchPlan, BoolArray, U8Array, U64Array, bump, swap_attrs
 from iommusim.hw.fastwalk import LEAF, POINTER, STOP, Step, VecWalk, WalkRoot, walk_many
 from iommusim.hw.iotlb import Iotlb, IotlbEntry
 from iommusim.pagetable.arm_s2 import AF, LEAF_RES0, OA_HIGH_MASK, OA_MASK, TABLE_BIT, TABLE_RES0, VALID, S2Geometry
@@ -103,11 +103,11 @@ class SmmuPlan(BatchPlan):
 
     def account(self, n: int, walks: int, reads: int) -> None:
         c = self.counters
-        c["translations"] += n
+        bump(c, "translations", n)
         if self.conflict:
-            c["smr_conflict_unpredictable"] += n
-        c["walks"] += walks
-        c["walk_reads"] += reads
+            bump(c, "smr_conflict_unpredictable", n)
+        bump(c, "walks", walks)
+        bump(c, "walk_reads", reads)
 
     def entry(self, daddr: int, base: int, shift: int, perms: int) -> IotlbEntry:
         if shift not in self.iotlb.page_shifts:  # a size the TLB does not hold: the 4 KiB piece

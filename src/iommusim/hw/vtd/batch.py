@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from iommusim.hw.fastbatch import PERMS, BatchPlan, BoolArray, U8Array, U64Array, swap_attrs
+from iommusim.hw.fastbatch import PERMS, BatchPlan, BoolArray, U8Array, U64Array, bump, swap_attrs
 from iommusim.hw.fastwalk import LEAF, POINTER, STOP, Step, VecWalk, WalkRoot, walk_many
 from iommusim.hw.iotlb import Iotlb
 from iommusim.hw.vtd.caches import CtxInfo, NegativeCache, PagingStructureCache, PdeEntry
@@ -91,11 +91,11 @@ class VtdPlan(BatchPlan):
 
     def account(self, n: int, walks: int, reads: int) -> None:
         if n:
-            self.counters["ctx_hits"] += n
+            bump(self.counters, "ctx_hits", n)
             d = self.unit.context_cache._c._d
             if self.sid in d:
                 d.move_to_end(self.sid)
-        self.counters["walks"] += walks
+        bump(self.counters, "walks", walks)
 
     def before_fill(self, daddr: int, l1_mfn: int, l1_perms: int) -> bool:
         u, did = self.unit, self.tag
