@@ -12,7 +12,6 @@ caches in LRU order, every register, the event log, the interrupts raised.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -220,9 +219,7 @@ _AMD = AmdV1Format()
 
 
 class AmdRig(Rig):
-    def __init__(
-        self, *, mode: int, dte_perms: int, handler: bool, iotlb: int, evt_head: int, exclusion: bool
-    ) -> None:
+    def __init__(self, *, mode: int, dte_perms: int, handler: bool, iotlb: int, evt_head: int, exclusion: bool) -> None:
         super().__init__()
         self.machine = m = Machine(ram_bytes=64 << 20, address_width=46)
         self.unit = u = AmdIommu("amd0", m.memory, iotlb_entries=iotlb)
@@ -340,7 +337,10 @@ class SmmuRig(Rig):
         scr0 = mm.read(smmu_regs.GR0_SCR0) & ~smmu_regs.Scr0.CLIENTPD
         mm.write(smmu_regs.GR0_SCR0, scr0 | smmu_regs.Scr0.GFIE)
         if handler:
-            hook: Callable[[], None] = lambda: self.irqs.append(mm.read(half + smmu_regs.CB_FSR))
+
+            def hook() -> None:
+                self.irqs.append(mm.read(half + smmu_regs.CB_FSR))
+
             u.connect_irq(context_irq(0), hook)
 
     def root_index(self, daddr: int) -> tuple[int, int]:
@@ -356,7 +356,7 @@ class SmmuRig(Rig):
         return maddr | _S2.leaf_bits(Perm(perms & 3), level)
 
     def bad(self, level: int, perms: int, x: int) -> int:
-        good = self.leaf(0x4000_0000 if level < 3 else 0x4000_0000, min(level, 3), perms) or 0
+        good = self.leaf(0x4000_0000, min(level, 3), perms) or 0
         choice = x % 4
         if choice == 0:
             return good | (1 << 11)  # RES0

@@ -41,9 +41,7 @@ near = st.builds(
 )
 #: an address is near one the recipe wrote (by op index, most often), near a region, or anywhere
 on_op = st.tuples(st.integers(0, 1 << 10), st.sampled_from([0, 0, 1, 3, 7, -1]), st.integers(0, 4095))
-addr_st = st.lists(
-    st.one_of(on_op, on_op, on_op, on_op, near, st.integers(0, (1 << 64) - 1)), min_size=1, max_size=40
-)
+addr_st = st.lists(st.one_of(on_op, on_op, on_op, on_op, near, st.integers(0, (1 << 64) - 1)), min_size=1, max_size=40)
 
 
 def resolve(picks: list[Any], ops: list[Op]) -> list[int]:
@@ -58,6 +56,8 @@ def resolve(picks: list[Any], ops: list[Op]) -> list[int]:
             pick = max(0, REGIONS[op.region] + ((op.page + dp) << PAGE_SHIFT) + off)
         out.append(pick)
     return out or [0]
+
+
 acc_st = st.sampled_from([1, 2, 3])
 
 vtd_params = st.fixed_dictionaries(
@@ -186,7 +186,7 @@ def _given(vendor: str, examples: int) -> Callable[[Callable[..., None]], Callab
     )(
         given(
             BUILDERS[vendor][1],
-            st.lists(ops_st, max_size=24),
+            st.lists(ops_st, max_size=14),
             st.lists(ops_st, max_size=4),
             addr_st,
             st.lists(acc_st, min_size=1, max_size=5),
@@ -196,7 +196,7 @@ def _given(vendor: str, examples: int) -> Callable[[Callable[..., None]], Callab
 
 @pytest.mark.parametrize("vendor", ["vtd", "amd", "smmu"])
 def test_fast_batch_equals_the_reference(vendor: str) -> None:
-    @_given(vendor, 40)
+    @_given(vendor, 100)
     def run(params: dict[str, Any], ops: list[Op], later: list[Op], addrs: list[int], accs: list[int]) -> None:
         check_vendor(vendor, params, ops, later, addrs, accs)
 
