@@ -56,14 +56,16 @@ class BatchPlan(ABC):
     volatile: bool = False
     #: the unit has caches besides the IOTLB that a miss consults (``before_fill`` must be called)
     fill_hook: bool = False
+    #: the unit counts the entries its walks read (``account`` wants ``reads``)
+    counts_reads: bool = True
 
     @abstractmethod
     def exceptional(self, addrs: U64Array, accs: U8Array) -> BoolArray:
         """Addresses the unit answers before its IOTLB in a way the fast path does not model."""
 
     @abstractmethod
-    def walk(self, addrs: U64Array, skip: BoolArray) -> VecWalk:
-        """The walk from memory of every address (``skip``: leave not ok)."""
+    def walk(self, addrs: U64Array, skip: BoolArray, need: int = 0) -> VecWalk:
+        """The walk from memory of every address (``skip``: leave not ok; ``need``: ok only if granted)."""
 
     @abstractmethod
     def account(self, n: int, walks: int, reads: int) -> None:
@@ -160,45 +162,57 @@ def _scalar(unit: BatchUnit, out: _Out, i: int, sid: int, daddr: int, acc: int) 
         out.evictions[i] = after[2] - before[2]
 
 
-def _maddrs(addrs: U64Array, base: U64Array, shift: U8Array) -> U64Array:
-    low = (np.uint64(1) << shift.astype(np.uint64)) - np.uint64(1)
-    out: U64Array = base | (addrs & low)
+def _maddrs(addrs: U64Array, base: U64Array, shift: U8Array, into: U64Array | None = None) -> U64Array:
+    """The machine address of each device address: its page's base and the offset inside the page."""
+    lo, hi = (int(shift.min()), int(shift.max())) if shift.size else (12, 12)
+    if lo == hi:  # one page size (the common case): one mask for all
+        out: U64Array = np.bitwise_and(addrs, np.uint64((1 << lo) - 1), out=into)
+    else:
+        out = np.bitwise_and(addrs, (np.uint64(1) << shift.astype(np.uint64)) - np.uint64(1), out=into)
+    np.bitwise_or(out, base, out=out)
     return out
 
 
 # -- IOTLB bypassed ------------------------------------------------------------------------------------------
 
 
-def _bypass_run(unit: BatchUnit, sid: int, addrs: U64Array, accs: U8Array, out: _Out) -> None:
+def _bypass_run(unit: BatchUnit, sid: int, addrs: U64Array, access: int, out: _Out) -> None:
     n = addrs.size
     start = 0
     while start < n:
         plan = unit._batch_plan(sid)
         if plan is None:
             with unit._bypassing_caches():
-                _scalar(unit, out, start, sid, int(addrs[start]), int(accs[start]))
+                _scalar(unit, out, start, sid, int(addrs[start]), access)
             start += 1
             continue
-        seg, acc = addrs[start:], accs[start:]
-        exc = plan.exceptional(seg, acc)
-        w = plan.walk(seg, exc)
-        fast = w.ok & ((acc & ~w.perms) == 0)
-        slow = np.flatnonzero(~fast).tolist()
+        seg = addrs[start:]
+        exc = plan.exceptional(seg, np.full(seg.size, access, dtype=np.uint8))
+        w = plan.walk(seg, exc, need=access)
+        fast = w.ok
         stop = seg.size
-        written = unit.memory.words_written
-        for j in slow:
-            with unit._bypassing_caches():
-                _scalar(unit, out, start + j, sid, int(seg[j]), int(acc[j]))
-            if plan.volatile or unit.memory.words_written != written:
-                stop = j + 1
-                break
+        if not fast.all():
+            written = unit.memory.words_written
+            for j in np.flatnonzero(~fast).tolist():
+                with unit._bypassing_caches():
+                    _scalar(unit, out, start + j, sid, int(seg[j]), access)
+                if plan.volatile or unit.memory.words_written != written:
+                    stop = j + 1
+                    break
         part = fast[:stop]
-        idx = np.flatnonzero(part)
-        if idx.size:
-            sl = slice(start, start + stop)
+        sl = slice(start, start + stop)
+        if stop == seg.size and part.all():
+            _maddrs(seg, w.base, w.shift, into=out.maddrs[sl])
+            out.shifts[sl] = w.shift
+            done = stop
+            reads = int(w.reads.sum(dtype=np.int64)) if plan.counts_reads else 0
+        else:
+            idx = np.flatnonzero(part)
             out.maddrs[sl][idx] = _maddrs(seg[idx], w.base[idx], w.shift[idx])
             out.shifts[sl][idx] = w.shift[idx]
-            plan.account(int(idx.size), int(idx.size), int(w.reads[idx].sum(dtype=np.int64)))
+            done = int(idx.size)
+            reads = int(w.reads[idx].sum(dtype=np.int64)) if plan.counts_reads else 0
+        plan.account(done, done, reads)
         start += stop
 
 
@@ -236,7 +250,8 @@ def _iotlb_segment(
     exc_l = exc.tolist()
     addr_l = seg.tolist()
     acc_l = acc.tolist()
-    base_l, shift_l, perms_l, reads_l = w.base.tolist(), w.shift.tolist(), w.perms.tolist(), w.reads.tolist()
+    base_l, shift_l, perms_l = w.base.tolist(), w.shift.tolist(), w.perms.tolist()
+    reads_l = w.reads.tolist() if plan.counts_reads else [0] * len(base_l)
     l1_l, l1p_l = (w.l1_mfn.tolist(), w.l1_perms.tolist()) if plan.fill_hook else (None, None)
     iotlb, tag, memory = plan.iotlb, plan.tag, unit.memory
     recording = iotlb.events is not None
@@ -299,7 +314,7 @@ def fast_translate_batch(
     if use_iotlb:
         _iotlb_run(unit, source_id, addrs, accs, out)
     else:
-        _bypass_run(unit, source_id, addrs, accs, out)
+        _bypass_run(unit, source_id, addrs, int(access) & 3, out)
     return BatchResult(out.maddrs, out.faults, out.shifts, out.cached, iotlb_bypassed=not use_iotlb)
 
 

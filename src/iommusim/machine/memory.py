@@ -281,3 +281,13 @@ class MachineMemory:
             sel = (seg_of == seg) & (slots >= 0)
             out[sel] = self._segments[seg][((slots[sel] & (_SEGMENT_FRAMES - 1)) << 9) | idx[sel]]
         return out
+
+    def gather_flat(self, flat: npt.NDArray[np.int64]) -> U64Array:
+        """Words at flat positions ``slot << 9 | index`` (every slot backed): a walk's per-address read."""
+        flat = np.asarray(flat, dtype=np.int64)
+        if flat.size == 0:
+            return np.zeros(flat.shape, dtype=np.uint64)
+        if int(flat.max()) < _SEGMENT_FRAMES * WORDS_PER_FRAME:
+            out: U64Array = self._segments[0][flat]
+            return out
+        return self.gather_slots(flat >> 9, flat & (WORDS_PER_FRAME - 1))

@@ -53,6 +53,16 @@ class AmdDecoder:
         out: BoolArray = mfns <= self.max_mfn
         return out
 
+    def leaf1(self, raw: U64Array, need: int) -> tuple[BoolArray, U64Array, U8Array | None]:
+        """A present NextLevel-0 leaf without reserved bits (NextLevel-7 pages go to ``step``)."""
+        base = raw & _LOW52 & ~np.uint64(0xFFF)
+        mask = PR | (7 << 9) | PTE_RESERVED
+        if need:
+            good: BoolArray = (raw & np.uint64(mask | need << 61)) == np.uint64(PR | need << 61)
+            return good, base, None
+        good = (raw & np.uint64(mask)) == np.uint64(PR)
+        return good, base, ((raw >> np.uint64(61)) & np.uint64(3)).astype(np.uint8)
+
     def step(self, raw: U64Array, level: int) -> Step:
         n = raw.size
         present = (raw & np.uint64(PR)) != 0
@@ -102,10 +112,10 @@ class AmdPlan(BatchPlan):
             out |= (addrs >= np.uint64(lo)) & (addrs <= np.uint64(hi))
         return out
 
-    def walk(self, addrs: U64Array, skip: BoolArray) -> VecWalk:
+    def walk(self, addrs: U64Array, skip: BoolArray, need: int = 0) -> VecWalk:
         u = self.unit
         root = WalkRoot(self.dte.root >> 12, self.dte.mode, perms=self.dte_perms, skips=True)
-        return walk_many(u.memory, AmdDecoder(u.memory, u.paging_levels), root, addrs, skip)
+        return walk_many(u.memory, AmdDecoder(u.memory, u.paging_levels), root, addrs, skip, need)
 
     def account(self, n: int, walks: int, reads: int) -> None:
         s = self.counters

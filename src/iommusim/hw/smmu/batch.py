@@ -43,6 +43,17 @@ class S2Decoder:
         out: BoolArray = mfns <= self.max_mfn
         return out
 
+    def leaf1(self, raw: U64Array, need: int) -> tuple[BoolArray, U64Array, U8Array | None]:
+        """A page descriptor without RES0 or high address bits (and with AF unless AFFD)."""
+        base = raw & _U(OA_MASK)
+        af = 0 if self.affd else AF
+        mask = VALID | TABLE_BIT | OA_HIGH_MASK | LEAF_RES0 | af
+        want = VALID | TABLE_BIT | af
+        good: BoolArray = (raw & _U(mask | need << 6)) == _U(want | need << 6)
+        if self.oa_limit < _U(1 << 48):
+            good &= base < self.oa_limit
+        return good, base, None if need else ((raw >> _U(6)) & _U(3)).astype(np.uint8)
+
     def step(self, raw: U64Array, level: int) -> Step:
         n = raw.size
         valid = (raw & _U(VALID)) != 0
@@ -90,7 +101,7 @@ class SmmuPlan(BatchPlan):
         out: BoolArray = (addrs >> _U(self.geom.ipa_bits)) != 0
         return out
 
-    def walk(self, addrs: U64Array, skip: BoolArray) -> VecWalk:
+    def walk(self, addrs: U64Array, skip: BoolArray, need: int = 0) -> VecWalk:
         from iommusim.hw.smmu import regs
 
         u = self.unit
@@ -99,7 +110,7 @@ class SmmuPlan(BatchPlan):
         table = b.ttbr0.value & ~((g.root_pages << PAGE_SHIFT) - 1)
         affd = bool(b.sctlr.value & regs.Sctlr.AFFD)
         root = WalkRoot(table >> PAGE_SHIFT, 4 - g.start_level, root_index_bits=8 + g.root_pages.bit_length())
-        return walk_many(u.memory, S2Decoder(u.memory.max_mfn, self.oas, affd), root, addrs, skip)
+        return walk_many(u.memory, S2Decoder(u.memory.max_mfn, self.oas, affd), root, addrs, skip, need)
 
     def account(self, n: int, walks: int, reads: int) -> None:
         c = self.counters

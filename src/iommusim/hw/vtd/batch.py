@@ -47,6 +47,15 @@ class VtdDecoder:
         out: BoolArray = mfns < np.uint64(max(0, self.dram_limit >> 12))
         return out
 
+    def leaf1(self, raw: U64Array, need: int) -> tuple[BoolArray, U64Array, U8Array | None]:
+        base = raw & _ADDR
+        if need:
+            good: BoolArray = (raw & np.uint64(int(self.leaf_rsvd[1]) | need)) == np.uint64(need)
+            return good, base, None
+        perms = (raw & _RW).astype(np.uint8)
+        good = (perms != 0) & ((raw & self.leaf_rsvd[1]) == 0)
+        return good, base, perms
+
     def step(self, raw: U64Array, level: int) -> Step:
         n = raw.size
         present = (raw & _RW) != 0
@@ -56,7 +65,7 @@ class VtdDecoder:
         shift = np.full(n, level_shift(level), dtype=np.uint8)
         if level == 1:
             kind[present & ((raw & self.leaf_rsvd[1]) == 0)] = LEAF
-            return Step(kind, addr >> np.uint64(12), np.zeros(n, np.int8), perms, addr, shift)
+            return Step(kind, addr, kind, perms, addr, shift)  # no pointers at level 1
         sp = (raw & np.uint64(VTD_SP)) != 0
         if level in self.fmt.superpage_levels:
             kind[present & sp & ((raw & self.leaf_rsvd[level]) == 0)] = LEAF
@@ -67,6 +76,7 @@ class VtdDecoder:
 
 class VtdPlan(BatchPlan):
     fill_hook = True
+    counts_reads = False
 
     def __init__(self, unit: VtdUnit, sid: int, ctx: CtxInfo) -> None:
         self.unit = unit
@@ -84,10 +94,10 @@ class VtdPlan(BatchPlan):
         out: BoolArray = (addrs >> np.uint64(self.ctx.width)) != 0
         return out
 
-    def walk(self, addrs: U64Array, skip: BoolArray) -> VecWalk:
+    def walk(self, addrs: U64Array, skip: BoolArray, need: int = 0) -> VecWalk:
         u = self.unit
         root = WalkRoot(self.ctx.slptptr >> 12, self.ctx.levels)
-        return walk_many(u.memory, VtdDecoder(u.fmt, u.dram_limit), root, addrs, skip)
+        return walk_many(u.memory, VtdDecoder(u.fmt, u.dram_limit), root, addrs, skip, need)
 
     def account(self, n: int, walks: int, reads: int) -> None:
         if n:
