@@ -222,27 +222,22 @@ def _bypass_run(unit: BatchUnit, sid: int, addrs: U64Array, access: int, out: _O
 def _iotlb_run(unit: BatchUnit, sid: int, addrs: U64Array, accs: U8Array, out: _Out) -> None:
     n = addrs.size
     start = 0
-    steps = out.hits is not None
     while start < n:
         plan = unit._batch_plan(sid)
-        if plan is None:
+        if plan is None or plan.iotlb.events is not None:  # an IOTLB that records events: every step scalar
             _scalar(unit, out, start, sid, int(addrs[start]), int(accs[start]))
             start += 1
             continue
-        start = _iotlb_segment(unit, plan, sid, addrs, accs, start, out, steps)
+        start = _iotlb_segment(unit, plan, sid, addrs, accs, start, out)
 
 
 def _iotlb_segment(
-    unit: BatchUnit,
-    plan: BatchPlan,
-    sid: int,
-    addrs: U64Array,
-    accs: U8Array,
-    start: int,
-    out: _Out,
-    steps: bool,
+    unit: BatchUnit, plan: BatchPlan, sid: int, addrs: U64Array, accs: U8Array, start: int, out: _Out
 ) -> int:
-    """Run addresses from ``start`` until the end or a fallback that calls for a new plan; returns where."""
+    """Run addresses from ``start`` until the end or a fallback that calls for a new plan; returns where.
+
+    The IOTLB's lookup and fill are written out here (its dictionaries used directly) because they run
+    once per address: the same LRU order, tag index and page-size census ``Iotlb`` keeps."""
     seg, acc = addrs[start:], accs[start:]
     exc = plan.exceptional(seg, acc)
     w = plan.walk(seg, exc)
@@ -251,56 +246,102 @@ def _iotlb_segment(
     addr_l = seg.tolist()
     acc_l = acc.tolist()
     base_l, shift_l, perms_l = w.base.tolist(), w.shift.tolist(), w.perms.tolist()
-    reads_l = w.reads.tolist() if plan.counts_reads else [0] * len(base_l)
-    l1_l, l1p_l = (w.l1_mfn.tolist(), w.l1_perms.tolist()) if plan.fill_hook else (None, None)
+    reads_l = w.reads.tolist() if plan.counts_reads else None
+    hook = plan.fill_hook
+    l1_l, l1p_l = (w.l1_mfn.tolist(), w.l1_perms.tolist()) if hook else ([], [])
     iotlb, tag, memory = plan.iotlb, plan.tag, unit.memory
-    recording = iotlb.events is not None
-    maddrs, shifts, cached = out.maddrs, out.shifts, out.cached
-    hits_a, misses_a, evict_a = out.hits, out.misses, out.evictions
-    hits = misses = fast = reads = 0
+    d = iotlb._cache._d
+    cap = iotlb.capacity
+    by_tag = iotlb._by_tag
+    census = iotlb._shift_count
+    live = iotlb._live_shifts
+    entry_of = plan.entry
+    before_fill = plan.before_fill
+    steps = out.hits is not None
+    # answers on the fast path, written back at the end: index, machine address, page shift, kind
+    idx: list[int] = []
+    res_m: list[int] = []
+    res_s: list[int] = []
+    hit_j: list[int] = []
+    miss_j: list[int] = []
+    evict_j: list[int] = []
+    hits = misses = evictions = reads = 0
     written = memory.words_written
     stop = len(addr_l)
+    key: tuple[int, int, int] = (0, 0, 0)
     for j in range(stop):
         a = addr_l[j]
-        i = start + j
         if not exc_l[j]:
-            found = iotlb.probe(tag, a)
-            if found is not None:
-                key, e = found
-                if not acc_l[j] & ~e.perms:
-                    iotlb.touch(key, a, count=recording)
+            e = None
+            for sh in live:
+                key = (tag, a >> sh, sh)
+                e = d.get(key)
+                if e is not None:
+                    break
+            if e is not None:
+                if not acc_l[j] & ~e.perms._value_:
+                    d.move_to_end(key)
                     hits += 1
-                    fast += 1
-                    maddrs[i] = e.out | (a & ((1 << e.page_shift) - 1))
-                    shifts[i] = e.page_shift
-                    cached[i] = True
-                    if hits_a is not None:
-                        hits_a[i] = 1
+                    idx.append(j)
+                    res_m.append(e.out | (a & ((1 << e.page_shift) - 1)))
+                    res_s.append(e.page_shift)
+                    hit_j.append(j)
                     continue
-            elif walk_ok[j] and (l1_l is None or plan.before_fill(a, l1_l[j], l1p_l[j])):  # type: ignore[index]
+            elif walk_ok[j] and (not hook or before_fill(a, l1_l[j], l1p_l[j])):
                 misses += 1
-                fast += 1
-                reads += reads_l[j]
-                entry = plan.entry(a, base_l[j], shift_l[j], perms_l[j])
-                if recording:
-                    iotlb._event("miss", tag, a)
-                evicted = iotlb.insert(entry)
-                maddrs[i] = entry.out | (a & ((1 << entry.page_shift) - 1))
-                shifts[i] = entry.page_shift
-                if steps:
-                    assert misses_a is not None and evict_a is not None
-                    misses_a[i] = 1
-                    evict_a[i] = evicted
+                if reads_l is not None:
+                    reads += reads_l[j]
+                entry = entry_of(a, base_l[j], shift_l[j], perms_l[j])
+                sh = entry.page_shift
+                if len(d) >= cap:  # the least recently used entry makes room
+                    old, _ = d.popitem(last=False)
+                    tagged = by_tag.get(old[0])
+                    if tagged is not None:
+                        tagged.pop(old, None)
+                        if not tagged:
+                            del by_tag[old[0]]
+                    left = census[old[2]] - 1
+                    if left:
+                        census[old[2]] = left
+                    else:
+                        del census[old[2]]
+                        live = iotlb._live_shifts = tuple(sorted(census))
+                    evictions += 1
+                    evict_j.append(j)
+                newkey = (tag, entry.page, sh)
+                d[newkey] = entry
+                by_tag.setdefault(tag, {})[newkey] = None
+                had = census.get(sh, 0)
+                census[sh] = had + 1
+                if not had:
+                    live = iotlb._live_shifts = tuple(sorted(census))
+                idx.append(j)
+                res_m.append(entry.out | (a & ((1 << sh) - 1)))
+                res_s.append(sh)
+                miss_j.append(j)
                 continue
-        _scalar(unit, out, i, sid, a, acc_l[j])
+        _scalar(unit, out, start + j, sid, a, acc_l[j])
+        live = iotlb._live_shifts
         if plan.volatile or memory.words_written != written:
             stop = j + 1
             break
+    if idx:
+        at = np.asarray(idx, dtype=np.int64) + start
+        out.maddrs[at] = np.asarray(res_m, dtype=np.uint64)
+        out.shifts[at] = np.asarray(res_s, dtype=np.uint8)
+    if hit_j:
+        out.cached[np.asarray(hit_j, dtype=np.int64) + start] = True
+    if steps:
+        assert out.hits is not None and out.misses is not None and out.evictions is not None
+        out.hits[np.asarray(hit_j, dtype=np.int64) + start] = 1
+        out.misses[np.asarray(miss_j, dtype=np.int64) + start] = 1
+        out.evictions[np.asarray(evict_j, dtype=np.int64) + start] = 1
     c = plan.counters
-    if not recording:
-        bump(c, "iotlb_hits", hits)
+    bump(c, "iotlb_hits", hits)
     bump(c, "iotlb_misses", misses)
-    plan.account(fast, misses, reads)
+    bump(c, "iotlb_fills", misses)
+    bump(c, "iotlb_evictions", evictions)
+    plan.account(len(idx), misses, reads)
     return start + stop
 
 

@@ -87,11 +87,17 @@ class VtdPlan(BatchPlan):
         self.counters = unit.counters_
         self.volatile = unit.fault_irq.handler is not None
         self.cm = bool(unit.cap.cm)
+        self.multi = ctx.levels > 1
+        self.pde_d = unit.pde_cache._c._d
+        self.pde_cap = unit.pde_cache._c.capacity
+        self.neg_d = unit.negative._c._d
+        # what ``before_fill`` did to the other caches' counters, added up by ``account``
+        self.tally = {"negative_misses": 0, "pde_hits": 0, "pde_misses": 0, "pde_fills": 0, "pde_evictions": 0}
 
     def exceptional(self, addrs: U64Array, accs: U8Array) -> BoolArray:
         if self.ctx.width >= 64:
             return np.zeros(addrs.shape, dtype=bool)
-        out: BoolArray = (addrs >> np.uint64(self.ctx.width)) != 0
+        out: BoolArray = addrs >= np.uint64(1 << self.ctx.width)
         return out
 
     def walk(self, addrs: U64Array, skip: BoolArray, need: int = 0) -> VecWalk:
@@ -106,27 +112,36 @@ class VtdPlan(BatchPlan):
             if self.sid in d:
                 d.move_to_end(self.sid)
         bump(self.counters, "walks", walks)
+        for name, k in self.tally.items():
+            bump(self.counters, name, k)
+            self.tally[name] = 0
 
     def before_fill(self, daddr: int, l1_mfn: int, l1_perms: int) -> bool:
-        u, did = self.unit, self.tag
-        if self.cm and (did, daddr >> 12) in u.negative._c._d:
+        """The not-present cache (caching mode) and the paging-structure cache, as ``translate`` uses them
+        on an IOTLB miss (the LRU cache operations written out: they run once per miss)."""
+        did = self.tag
+        if self.cm and (did, daddr >> 12) in self.neg_d:
             return False
-        pde_d = u.pde_cache._c._d
+        pde_d = self.pde_d
         key = (did, daddr >> 21)
-        pde = pde_d.get(key) if self.ctx.levels > 1 else None
-        if pde is not None and (pde.table != l1_mfn or int(pde.perms) != l1_perms):
+        pde = pde_d.get(key) if self.multi else None
+        if pde is not None and (pde.table != l1_mfn or pde.perms._value_ != l1_perms):
             return False  # the walk would start from a level-1 table memory no longer points to
-        c = self.counters
+        t = self.tally
         if self.cm:
-            c["negative_misses"] += 1
-        if self.ctx.levels > 1:
+            t["negative_misses"] += 1
+        if self.multi:
             if pde is not None:
                 pde_d.move_to_end(key)
-                c["pde_hits"] += 1
+                t["pde_hits"] += 1
             else:
-                c["pde_misses"] += 1
+                t["pde_misses"] += 1
                 if l1_mfn >> 63 == 0:
-                    u.pde_cache.put(did, daddr, PdeEntry(l1_mfn, PERMS[l1_perms]))
+                    if len(pde_d) >= self.pde_cap:
+                        pde_d.popitem(last=False)
+                        t["pde_evictions"] += 1
+                    pde_d[key] = PdeEntry(l1_mfn, PERMS[l1_perms])
+                    t["pde_fills"] += 1
         return True
 
 
