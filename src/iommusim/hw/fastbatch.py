@@ -176,9 +176,15 @@ def _maddrs(addrs: U64Array, base: U64Array, shift: U8Array, into: U64Array | No
 # -- IOTLB bypassed ------------------------------------------------------------------------------------------
 
 
+#: After a fallback that made the engine start again, it walks this many addresses ahead, doubling while
+#: no fallback interrupts it (so faults under a connected interrupt handler cost a short walk each).
+_RESTART_CHUNK = 4096
+
+
 def _bypass_run(unit: BatchUnit, sid: int, addrs: U64Array, access: int, out: _Out) -> None:
     n = addrs.size
     start = 0
+    chunk = n
     while start < n:
         plan = unit._batch_plan(sid)
         if plan is None:
@@ -186,7 +192,7 @@ def _bypass_run(unit: BatchUnit, sid: int, addrs: U64Array, access: int, out: _O
                 _scalar(unit, out, start, sid, int(addrs[start]), access)
             start += 1
             continue
-        seg = addrs[start:]
+        seg = addrs[start : start + chunk]
         exc = plan.exceptional(seg, np.full(seg.size, access, dtype=np.uint8))
         w = plan.walk(seg, exc, need=access)
         fast = w.ok
@@ -214,6 +220,7 @@ def _bypass_run(unit: BatchUnit, sid: int, addrs: U64Array, access: int, out: _O
             reads = int(w.reads[idx].sum(dtype=np.int64)) if plan.counts_reads else 0
         plan.account(done, done, reads)
         start += stop
+        chunk = chunk * 2 if stop == seg.size else _RESTART_CHUNK
 
 
 # -- through the IOTLB ---------------------------------------------------------------------------------------
@@ -222,13 +229,16 @@ def _bypass_run(unit: BatchUnit, sid: int, addrs: U64Array, access: int, out: _O
 def _iotlb_run(unit: BatchUnit, sid: int, addrs: U64Array, accs: U8Array, out: _Out) -> None:
     n = addrs.size
     start = 0
+    chunk = n
     while start < n:
         plan = unit._batch_plan(sid)
         if plan is None or plan.iotlb.events is not None:  # an IOTLB that records events: every step scalar
             _scalar(unit, out, start, sid, int(addrs[start]), int(accs[start]))
             start += 1
             continue
-        start = _iotlb_segment(unit, plan, sid, addrs, accs, start, out)
+        end = _iotlb_segment(unit, plan, sid, addrs[: start + chunk], accs[: start + chunk], start, out)
+        chunk = chunk * 2 if end == min(n, start + chunk) else _RESTART_CHUNK
+        start = end
 
 
 def _iotlb_segment(
