@@ -312,10 +312,20 @@ SMMU_GEOMETRIES = ((25, 1), (24, 1), (16, 2), (30, 0), (34, 0))
 
 
 class SmmuRig(Rig):
-    def __init__(self, *, geometry: int, ps: int, affd: bool, stall: bool, handler: bool, iotlb: int) -> None:
+    def __init__(
+        self,
+        *,
+        geometry: int,
+        ps: int,
+        affd: bool,
+        stall: bool,
+        handler: bool,
+        iotlb: int,
+        tlb_shifts: tuple[int, ...] = (12, 21, 30),
+    ) -> None:
         super().__init__()
         self.machine = m = Machine(ram_bytes=64 << 20, address_width=46)
-        self.unit = u = SmmuV2(m.memory, SmmuConfig(tlb_entries=iotlb, oas_bits=48))
+        self.unit = u = SmmuV2(m.memory, SmmuConfig(tlb_entries=iotlb, oas_bits=48, tlb_page_shifts=tlb_shifts))
         t0sz, sl0 = SMMU_GEOMETRIES[geometry]
         start = {0: 2, 1: 1, 2: 0}[sl0]
         ipa_bits = 64 - t0sz

@@ -89,6 +89,7 @@ smmu_params = st.fixed_dictionaries(
         "stall": st.booleans(),
         "handler": st.booleans(),
         "iotlb": st.integers(1, 8),
+        "tlb_shifts": st.sampled_from([(12, 21, 30), (12, 21, 30), (12,), (12, 30)]),
     }
 )
 BUILDERS: dict[str, tuple[Callable[..., Rig], Any]] = {

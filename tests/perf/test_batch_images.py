@@ -245,3 +245,16 @@ def test_many_faults_under_an_interrupt_handler_across_restart_chunks() -> None:
     pages = np.array(addrs) >> PAGE_SHIFT
     assert np.array_equal(r.faults != 0, pages % 3 == 0)
     assert np.array_equal(r.maddrs[r.ok], ((0x400 + pages[r.ok]) << PAGE_SHIFT) | (np.array(addrs)[r.ok] & 0xFFF))
+
+
+def test_smmu_blocks_of_a_size_its_tlb_does_not_hold_are_answered_by_their_4k_piece() -> None:
+    def build(r: Rig) -> None:
+        r.store(*r.slot(M2, 2), 0x6000_0000 | S2.leaf_bits(Perm.RW, 2))
+
+    def make() -> Rig:
+        return SmmuRig(geometry=0, ps=5, affd=False, stall=False, handler=False, iotlb=4, tlb_shifts=(12,))
+
+    r = run_both(make, build, [M2 + 0x1_2345, M2 + 0x1_2FFF, M2 + 0x2_0000], Perm.R)
+    ok_at(r, 0, 0x6001_2345, 12)
+    ok_at(r, 1, 0x6001_2FFF, 12)
+    ok_at(r, 2, 0x6002_0000, 12)

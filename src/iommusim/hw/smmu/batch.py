@@ -110,7 +110,16 @@ class SmmuPlan(BatchPlan):
         table = b.ttbr0.value & ~((g.root_pages << PAGE_SHIFT) - 1)
         affd = bool(b.sctlr.value & regs.Sctlr.AFFD)
         root = WalkRoot(table >> PAGE_SHIFT, 4 - g.start_level, root_index_bits=8 + g.root_pages.bit_length())
-        return walk_many(u.memory, S2Decoder(u.memory.max_mfn, self.oas, affd), root, addrs, skip, need)
+        w = walk_many(u.memory, S2Decoder(u.memory.max_mfn, self.oas, affd), root, addrs, skip, need)
+        if {12, 21, 30} <= set(self.iotlb.page_shifts):  # every stage-2 leaf size (the usual TLB)
+            return w
+        held = np.isin(w.shift, np.asarray(self.iotlb.page_shifts, dtype=np.uint8))
+        odd = np.flatnonzero(w.ok & ~held)
+        if odd.size:  # a size the TLB does not hold: the unit answers (and caches) the 4 KiB piece
+            size = _U(1) << w.shift[odd].astype(np.uint64)
+            w.base[odd] |= addrs[odd] & (size - _U(1)) & ~_U((1 << PAGE_SHIFT) - 1)
+            w.shift[odd] = PAGE_SHIFT
+        return w
 
     def account(self, n: int, walks: int, reads: int) -> None:
         c = self.counters
