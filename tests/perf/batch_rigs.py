@@ -141,7 +141,9 @@ class Rig:
 
 
 class VtdRig(Rig):
-    def __init__(self, *, aw: int, cm: bool, sllps: int, nfr: int, handler: bool, iotlb: int, pde: int) -> None:
+    def __init__(
+        self, *, aw: int, cm: bool, sllps: int, nfr: int, handler: bool, iotlb: int, pde: int, t: int = 0
+    ) -> None:
         super().__init__()
         self.machine = m = Machine(ram_bytes=64 << 20, address_width=46)
         cap = Cap(fro=0x200, nfr=nfr, cm=cm, sllps=sllps, sagaw=0b01110, mgaw=57 if aw == 3 else 48)
@@ -166,7 +168,7 @@ class VtdRig(Rig):
         bus, devfn = SID >> 8, SID & 0xFF
         self.store(root, 2 * bus, lo)
         self.store(root, 2 * bus + 1, hi)
-        lo, hi = ContextEntry(True, slptptr=self.root_mfn << PAGE_SHIFT, aw=aw, did=7).encode()
+        lo, hi = ContextEntry(True, t=t, slptptr=self.root_mfn << PAGE_SHIFT, aw=aw, did=7).encode()
         self.store(ctx_table, 2 * devfn + 1, hi)
         self.store(ctx_table, 2 * devfn, lo)
         u.regs.write(Reg.RTADDR, root << PAGE_SHIFT, 8)
@@ -224,7 +226,7 @@ class AmdRig(Rig):
         self.machine = m = Machine(ram_bytes=64 << 20, address_width=46)
         self.unit = u = AmdIommu("amd0", m.memory, iotlb_entries=iotlb)
         self.levels = mode
-        devtab = m.allocator.alloc("test:devtab", 16).value << PAGE_SHIFT
+        self.devtab = devtab = m.allocator.alloc("test:devtab", 16).value << PAGE_SHIFT
         self.evt = m.allocator.alloc("test:evt", 1).value << PAGE_SHIFT
         mm = u.mmio
         mm.write(amd_regs.DEV_TAB_BASE, amd_regs.dev_table_base_value(devtab, 16), 8)

@@ -7,6 +7,7 @@ specifications, so a fast path and a reference that agreed on a wrong answer wou
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import numpy as np
@@ -14,8 +15,10 @@ import pytest
 from batch_rigs import SID, AmdRig, Rig, SmmuRig, VtdRig
 from test_batch_equivalence import bypass_reference, rows, same_state, steps
 
+from iommusim.errors import DmaFault
 from iommusim.frames import PAGE_SHIFT
 from iommusim.hw.batch import FAULT_NONE, BatchResult, ReferenceBatch
+from iommusim.hw.fastbatch import IdentityPlan
 from iommusim.pagetable.amd import AmdV1Format, sized_leaf_address
 from iommusim.pagetable.arm_s2 import AF, ArmS2Format
 from iommusim.perms import Perm
@@ -258,3 +261,96 @@ def test_smmu_blocks_of_a_size_its_tlb_does_not_hold_are_answered_by_their_4k_pi
     ok_at(r, 0, 0x6001_2345, 12)
     ok_at(r, 1, 0x6001_2FFF, 12)
     ok_at(r, 2, 0x6002_0000, 12)
+
+
+# -- DMA the unit lets through untranslated ---------------------------------------------------------------------
+
+UNTRANSLATED = [0x1234, 0x5_6789, M2 + 0x10, 3 << 30]
+
+
+def mapped_one(r: Rig) -> None:
+    r.store(*r.slot(0x1000, 1), leaf_of(r, 0x9000))
+
+
+def leaf_of(r: Rig, maddr: int) -> int:
+    raw = r.leaf(maddr, 1, 3)
+    assert raw is not None
+    return raw
+
+
+def untranslated(make: Callable[[], Rig], tweak: Callable[[Rig], None], access: Perm = Perm.R) -> BatchResult:
+    def build(r: Rig) -> None:
+        mapped_one(r)
+        tweak(r)
+
+    probe = make()
+    build(probe)
+    with contextlib.suppress(DmaFault):
+        probe.unit.translate(SID, UNTRANSLATED[0], access)  # loads the context caches
+    assert isinstance(probe.unit._batch_plan(SID), IdentityPlan)  # the batch takes the untranslated path
+    return run_both(make, build, UNTRANSLATED, access)
+
+
+def test_vtd_translation_off_and_pass_through_contexts() -> None:
+    def te_off(r: Rig) -> None:
+        from iommusim.hw.vtd.regs import GCMD, GSTS, Reg
+
+        u = r.unit
+        u.regs.write(Reg.GCMD, u.regs.read(Reg.GSTS, 4) & GSTS.PERSISTENT & ~GCMD.TE, 4)
+
+    for make, tweak in (
+        (vtd(), te_off),
+        (lambda: VtdRig(aw=2, cm=False, sllps=3, nfr=2, handler=True, iotlb=4, pde=2, t=2), lambda r: None),
+    ):
+        r = untranslated(make, tweak, Perm.RW)
+        assert r.maddrs.tolist() == UNTRANSLATED and not r.faults.any() and set(r.page_shifts.tolist()) == {12}
+
+
+def test_amd_unit_off_dte_v0_and_paging_mode_0() -> None:
+    from iommusim.hw.amd import regs
+    from iommusim.hw.amd.structs import Dte
+
+    def off(r: Rig) -> None:
+        r.unit.mmio.write(regs.CONTROL, 0, 8)
+
+    def dte(**kw: object) -> Callable[[Rig], None]:
+        def set_it(r: Rig) -> None:
+            assert isinstance(r, AmdRig)
+            fields = {"valid": True, "translation_valid": True, "mode": 0, "ir": True, "iw": False, "domain_id": 9}
+            fields.update(kw)
+            for i, q in enumerate(Dte(**fields).qwords()):  # type: ignore[arg-type]
+                r.machine.memory.write_u64(r.devtab + (SID & 0xFFFF) * 32 + 8 * i, q)
+
+        return set_it
+
+    for tweak in (off, dte(valid=False), dte()):
+        r = untranslated(amd(exclusion=True), tweak)
+        assert r.maddrs.tolist() == UNTRANSLATED and not r.faults.any()
+    w = untranslated(amd(exclusion=True), dte(), Perm.W)  # mode 0 under IW=0: writes fault, but not excluded ones
+    assert w.faults[2] == 0 and all(w.faults[[0, 1, 3]] != 0)
+
+
+def test_smmu_bypasses() -> None:
+    from iommusim.hw.smmu import regs
+
+    def client_off(r: Rig) -> None:
+        mm = r.unit.mmio
+        mm.write(regs.GR0_SCR0, mm.read(regs.GR0_SCR0) | regs.Scr0.CLIENTPD)
+
+    def unmatched(r: Rig) -> None:
+        r.unit.mmio.write(regs.gr0_smr(0), regs.Smr(id=(SID + 1) & 0x7FFF).encode())
+
+    def s2cr_bypass(r: Rig) -> None:
+        r.unit.mmio.write(regs.gr0_s2cr(0), regs.S2cr(regs.S2crType.BYPASS, 0).encode())
+
+    def bank_off(r: Rig) -> None:
+        half = r.unit.window_size // 2
+        r.unit.mmio.write(half + regs.CB_SCTLR, 0)
+        # and a second stream match group that matches too (with SMCFCFG clear: counted, unpredictable)
+        mm = r.unit.mmio
+        mm.write(regs.GR0_SCR0, mm.read(regs.GR0_SCR0) & ~regs.Scr0.SMCFCFG)
+        mm.write(regs.gr0_smr(1), regs.Smr(id=SID & 0x7FFF).encode())
+
+    for tweak in (client_off, unmatched, s2cr_bypass, bank_off):
+        r = untranslated(smmu(0), tweak, Perm.W)
+        assert r.maddrs.tolist() == UNTRANSLATED and not r.faults.any()

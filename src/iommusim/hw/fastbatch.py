@@ -22,7 +22,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -37,7 +37,7 @@ from iommusim.hw.iotlb import Iotlb, IotlbEntry
 from iommusim.machine.memory import MachineMemory
 from iommusim.perms import Perm
 
-__all__ = ["BatchPlan", "BatchUnit", "fast_replay", "fast_translate_batch"]
+__all__ = ["BatchPlan", "BatchUnit", "IdentityPlan", "fast_replay", "fast_translate_batch"]
 
 U64Array = npt.NDArray[np.uint64]
 U8Array = npt.NDArray[np.uint8]
@@ -58,6 +58,8 @@ class BatchPlan(ABC):
     fill_hook: bool = False
     #: the unit counts the entries its walks read (``account`` wants ``reads``)
     counts_reads: bool = True
+    #: the device's DMA is not translated (reaches memory at the address it carries) and no IOTLB is involved
+    identity: bool = False
 
     @abstractmethod
     def exceptional(self, addrs: U64Array, accs: U8Array) -> BoolArray:
@@ -81,6 +83,61 @@ class BatchPlan(ABC):
     def entry(self, daddr: int, base: int, shift: int, perms: int) -> IotlbEntry:
         """The IOTLB entry a walk that found the page at ``base`` of size ``1 << shift`` leaves."""
         return IotlbEntry(self.tag, daddr >> shift, shift, base, PERMS[perms])
+
+
+class IdentityPlan(BatchPlan):
+    """A device whose DMA the unit lets through untranslated (translation off, pass-through, bypass...).
+
+    Each such translation only counts (``per_translation``), touches the context cache entry it used
+    (``touch``) and answers the address itself, with ``perms``; ``refuse`` marks addresses the unit treats
+    otherwise (e.g. AMD's exclusion range), which go to ``translate``, as do accesses ``perms`` refuses."""
+
+    identity = True
+    counts_reads = False
+
+    def __init__(
+        self,
+        counters: Counter[str],
+        per_translation: dict[str, int],
+        *,
+        volatile: bool,
+        touch: Callable[[], None] | None = None,
+        perms: int = 3,
+        refuse: Callable[[U64Array], BoolArray] | None = None,
+    ) -> None:
+        self.counters = counters
+        self.per_translation = per_translation
+        self.volatile = volatile
+        self.touch = touch
+        self.perms = perms
+        self.refuse = refuse
+
+    def exceptional(self, addrs: U64Array, accs: U8Array) -> BoolArray:
+        out: BoolArray = (accs & np.uint8(~self.perms & 3)) != 0
+        if self.refuse is not None:
+            out = out | self.refuse(addrs)
+        return out
+
+    def walk(self, addrs: U64Array, skip: BoolArray, need: int = 0) -> VecWalk:
+        n = addrs.size
+        z1 = np.zeros(1, dtype=np.uint8)
+        return VecWalk(
+            ~skip,
+            addrs & ~np.uint64(0xFFF),
+            np.full(n, 12, dtype=np.uint8),
+            np.full(n, self.perms, dtype=np.uint8),
+            np.zeros(n, dtype=np.int64),
+            z1,
+            np.zeros(1, dtype=np.uint64),
+            z1,
+            np.zeros(n, dtype=bool),
+        )
+
+    def account(self, n: int, walks: int, reads: int) -> None:
+        for name, k in self.per_translation.items():
+            bump(self.counters, name, k * n)
+        if n and self.touch is not None:
+            self.touch()
 
 
 class BatchUnit(Protocol):
@@ -183,6 +240,7 @@ _RESTART_CHUNK = 4096
 
 def _bypass_run(unit: BatchUnit, sid: int, addrs: U64Array, access: int, out: _Out) -> None:
     n = addrs.size
+    accs = np.full(n, access, dtype=np.uint8)
     start = 0
     chunk = n
     while start < n:
@@ -192,35 +250,54 @@ def _bypass_run(unit: BatchUnit, sid: int, addrs: U64Array, access: int, out: _O
                 _scalar(unit, out, start, sid, int(addrs[start]), access)
             start += 1
             continue
-        seg = addrs[start : start + chunk]
-        exc = plan.exceptional(seg, np.full(seg.size, access, dtype=np.uint8))
-        w = plan.walk(seg, exc, need=access)
-        fast = w.ok
-        stop = seg.size
-        if not fast.all():
-            written = unit.memory.words_written
-            for j in np.flatnonzero(~fast).tolist():
-                with unit._bypassing_caches():
-                    _scalar(unit, out, start + j, sid, int(seg[j]), access)
-                if plan.volatile or unit.memory.words_written != written:
-                    stop = j + 1
-                    break
-        part = fast[:stop]
-        sl = slice(start, start + stop)
-        if stop == seg.size and part.all():
-            _maddrs(seg, w.base, w.shift, into=out.maddrs[sl])
-            out.shifts[sl] = w.shift
-            done = stop
-            reads = int(w.reads.sum(dtype=np.int64)) if plan.counts_reads else 0
-        else:
-            idx = np.flatnonzero(part)
-            out.maddrs[sl][idx] = _maddrs(seg[idx], w.base[idx], w.shift[idx])
-            out.shifts[sl][idx] = w.shift[idx]
-            done = int(idx.size)
-            reads = int(w.reads[idx].sum(dtype=np.int64)) if plan.counts_reads else 0
-        plan.account(done, done, reads)
-        start += stop
-        chunk = chunk * 2 if stop == seg.size else _RESTART_CHUNK
+        end = min(n, start + chunk)
+        stop = _direct_segment(unit, plan, sid, addrs[:end], accs[:end], start, out, bypass=True, need=access)
+        chunk = chunk * 2 if stop == end else _RESTART_CHUNK
+        start = stop
+
+
+def _direct_segment(
+    unit: BatchUnit,
+    plan: BatchPlan,
+    sid: int,
+    addrs: U64Array,
+    accs: U8Array,
+    start: int,
+    out: _Out,
+    *,
+    bypass: bool,
+    need: int,
+) -> int:
+    """Addresses from ``start`` answered from the walk's arrays, no IOTLB involved (bypassed, or the plan's
+    DMA is untranslated); the rest by ``translate`` in order.  Returns where it stopped."""
+    seg, acc = addrs[start:], accs[start:]
+    exc = plan.exceptional(seg, acc)
+    w = plan.walk(seg, exc, need=need)
+    fast = w.ok
+    stop = seg.size
+    if not fast.all():
+        written = unit.memory.words_written
+        for j in np.flatnonzero(~fast).tolist():
+            with unit._bypassing_caches() if bypass else nullcontext():
+                _scalar(unit, out, start + j, sid, int(seg[j]), int(acc[j]))
+            if plan.volatile or unit.memory.words_written != written:
+                stop = j + 1
+                break
+    part = fast[:stop]
+    sl = slice(start, start + stop)
+    if stop == seg.size and part.all():
+        _maddrs(seg, w.base, w.shift, into=out.maddrs[sl])
+        out.shifts[sl] = w.shift
+        done = stop
+        reads = int(w.reads.sum(dtype=np.int64)) if plan.counts_reads else 0
+    else:
+        idx = np.flatnonzero(part)
+        out.maddrs[sl][idx] = _maddrs(seg[idx], w.base[idx], w.shift[idx])
+        out.shifts[sl][idx] = w.shift[idx]
+        done = int(idx.size)
+        reads = int(w.reads[idx].sum(dtype=np.int64)) if plan.counts_reads else 0
+    plan.account(done, 0 if plan.identity else done, reads)
+    return start + stop
 
 
 # -- through the IOTLB ---------------------------------------------------------------------------------------
@@ -232,11 +309,16 @@ def _iotlb_run(unit: BatchUnit, sid: int, addrs: U64Array, accs: U8Array, out: _
     chunk = n
     while start < n:
         plan = unit._batch_plan(sid)
-        if plan is None or plan.iotlb.events is not None:  # an IOTLB that records events: every step scalar
+        if plan is not None and plan.identity:
+            end = _direct_segment(
+                unit, plan, sid, addrs[: start + chunk], accs[: start + chunk], start, out, bypass=False, need=0
+            )
+        elif plan is None or plan.iotlb.events is not None:  # an IOTLB that records events: every step scalar
             _scalar(unit, out, start, sid, int(addrs[start]), int(accs[start]))
             start += 1
             continue
-        end = _iotlb_segment(unit, plan, sid, addrs[: start + chunk], accs[: start + chunk], start, out)
+        else:
+            end = _iotlb_segment(unit, plan, sid, addrs[: start + chunk], accs[: start + chunk], start, out)
         chunk = chunk * 2 if end == min(n, start + chunk) else _RESTART_CHUNK
         start = end
 

@@ -36,7 +36,7 @@ from iommusim.pagetable.format import level_shift
 if TYPE_CHECKING:
     from iommusim.hw.amd.unit import AmdIommu
 
-__all__ = ["AmdDecoder", "AmdPlan", "bypassing_caches"]
+__all__ = ["AmdDecoder", "AmdPlan", "bypassing_caches", "excluded"]
 
 _LOW52 = np.uint64((1 << 52) - 1)
 _ONE = np.uint64(1)
@@ -106,11 +106,7 @@ class AmdPlan(BatchPlan):
         reach = beyond_reach_mask(self.dte.mode)
         if reach:
             out |= (addrs & np.uint64(reach)) != 0
-        ex = u._exbase.value
-        if ex & regs.EXCL_ENABLE and (ex & regs.EXCL_ALLOW or self.dte.allow_exclusion):
-            lo, hi = ex & regs.BASE_ADDR_MASK, u._exlimit.value | 0xFFF
-            out |= (addrs >= np.uint64(lo)) & (addrs <= np.uint64(hi))
-        return out
+        return out | excluded(u, self.dte, addrs)
 
     def walk(self, addrs: U64Array, skip: BoolArray, need: int = 0) -> VecWalk:
         u = self.unit
@@ -128,6 +124,16 @@ class AmdPlan(BatchPlan):
             self.unit._atc.pop(self.devid, None)
         bump(s, "walks", walks)
         bump(s, "walk_reads", reads)
+
+
+def excluded(unit: AmdIommu, dte: Dte, addrs: U64Array) -> BoolArray:
+    """Addresses in the exclusion range, when it applies to this device (they pass untranslated)."""
+    ex = unit._exbase.value
+    if ex & regs.EXCL_ENABLE and (ex & regs.EXCL_ALLOW or dte.allow_exclusion):
+        lo, hi = ex & regs.BASE_ADDR_MASK, unit._exlimit.value | 0xFFF
+        out: BoolArray = (addrs >= np.uint64(lo)) & (addrs <= np.uint64(hi))
+        return out
+    return np.zeros(addrs.shape, dtype=bool)
 
 
 @contextmanager

@@ -18,13 +18,14 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
+from functools import partial
 from typing import NoReturn
 
 import numpy.typing as npt
 
 from iommusim.errors import BadAddress, DmaFault
 from iommusim.hw.amd import regs
-from iommusim.hw.amd.batch import AmdPlan, bypassing_caches
+from iommusim.hw.amd.batch import AmdPlan, bypassing_caches, excluded
 from iommusim.hw.amd.structs import (
     CMD_SIZE,
     DTE_SIZE,
@@ -49,7 +50,7 @@ from iommusim.hw.amd.structs import (
 from iommusim.hw.amd.walker import WalkFault, WalkHit, walk_v1
 from iommusim.hw.base import Translation
 from iommusim.hw.batch import BatchResult, ReplayStats
-from iommusim.hw.fastbatch import BatchPlan, fast_replay, fast_translate_batch
+from iommusim.hw.fastbatch import BatchPlan, IdentityPlan, fast_replay, fast_translate_batch
 from iommusim.hw.iotlb import Iotlb, IotlbEntry, LruCache
 from iommusim.hw.mmio import Register, RegisterBlock
 from iommusim.machine.memory import MachineMemory
@@ -484,16 +485,27 @@ class AmdIommu:
         return bypassing_caches(self)
 
     def _batch_plan(self, source_id: int) -> BatchPlan | None:
-        """The device's cached DTE when it describes a plain walk (see ``hw.amd.batch``), or None."""
+        """The device's cached DTE when it describes a plain walk (see ``hw.amd.batch``) or untranslated DMA
+        (the unit off, V=0, paging mode 0), or None to let ``translate`` answer."""
+        volatile = self.irq_handler is not None
         if not self.enabled:
-            return None
+            return IdentityPlan(self.stats, {"translations": 1, "untranslated": 1}, volatile=volatile)
         devid = source_id & 0xFFFF
         qws = self.dte_cache.peek(devid)
         if qws is None:
             return None
         dte = Dte.from_qwords(qws)
-        if not dte.valid or not dte.translation_valid or dte_reserved_bits(qws) or dte.iotlb:
+        touch = partial(self.dte_cache._d.move_to_end, devid)
+        if not dte.valid:
+            counts = {"translations": 1, "dte_cache_hits": 1, "passthrough": 1}
+            return IdentityPlan(self.stats, counts, volatile=volatile, touch=touch)
+        if not dte.translation_valid or dte_reserved_bits(qws):
             return None
-        if not 1 <= dte.mode <= min(6, self.paging_levels):
+        if dte.mode == 0:
+            counts = {"translations": 1, "dte_cache_hits": 1, "untranslated_mode0": 1}
+            perms = int(dte.ir) | int(dte.iw) << 1
+            refuse = partial(excluded, self, dte)
+            return IdentityPlan(self.stats, counts, volatile=volatile, touch=touch, perms=perms, refuse=refuse)
+        if dte.iotlb or not 1 <= dte.mode <= min(6, self.paging_levels):
             return None
         return AmdPlan(self, devid, dte)

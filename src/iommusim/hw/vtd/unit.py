@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
+from functools import partial
 
 import numpy.typing as npt
 
@@ -24,7 +25,7 @@ from iommusim.errors import DmaFault
 from iommusim.frames import PAGE_SHIFT
 from iommusim.hw.base import Translation
 from iommusim.hw.batch import BatchResult, ReplayStats
-from iommusim.hw.fastbatch import BatchPlan, fast_replay, fast_translate_batch
+from iommusim.hw.fastbatch import BatchPlan, IdentityPlan, fast_replay, fast_translate_batch
 from iommusim.hw.iotlb import Iotlb, IotlbEntry
 from iommusim.hw.mmio import Register, RegisterBlock
 from iommusim.hw.vtd.batch import VtdPlan, bypassing_caches
@@ -612,10 +613,15 @@ class VtdUnit:
         return bypassing_caches(self)
 
     def _batch_plan(self, source_id: int) -> BatchPlan | None:
-        """The device's cached, translating context (what ``translate`` would use), or None."""
+        """The device's cached context (what ``translate`` would use), or None to let ``translate`` answer."""
+        volatile = self.fault_irq.handler is not None
         if not self.translation_enabled:
+            return IdentityPlan(self.counters_, {"untranslated": 1}, volatile=volatile)
+        cached = self.context_cache._c
+        info = cached.peek(source_id)
+        if info is None or not info.present:
             return None
-        info = self.context_cache._c.peek(source_id)
-        if info is None or not info.present or info.t == TranslationType.PASS_THROUGH:
-            return None
+        if info.t == TranslationType.PASS_THROUGH:
+            touch = partial(cached._d.move_to_end, source_id)
+            return IdentityPlan(self.counters_, {"ctx_hits": 1, "pass_through": 1}, volatile=volatile, touch=touch)
         return VtdPlan(self, source_id, info)
