@@ -69,6 +69,7 @@ vtd_params = st.fixed_dictionaries(
         "handler": st.booleans(),
         "iotlb": st.integers(1, 8),
         "pde": st.integers(1, 4),
+        "t": st.sampled_from([0, 0, 0, 1, 2]),  # second-level, device-TLB, pass-through contexts
     }
 )
 amd_params = st.fixed_dictionaries(
