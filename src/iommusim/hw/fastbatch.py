@@ -13,8 +13,11 @@ the fast path does to its counters and other caches.  The engine then
   whose walk succeeded fills the IOTLB from the arrays, and anything else (a miss the walk refuses, a hit
   that refuses the access, a stale paging-structure cache entry) is one call of ``translate``.
 
+A device whose DMA the unit does not translate at all (translation off, pass-through, bypass) gets an
+``IdentityPlan``: its addresses are answered as they are, with the unit's counters, in either mode.
+
 After a fallback that may have changed what later addresses see (software ran from an interrupt handler,
-or the unit wrote memory, e.g. an event log), the plan and the walk are made again for the rest.
+or the unit wrote memory, e.g. an event log), the plan and the walk are made again, a chunk ahead at a time.
 """
 
 from __future__ import annotations
