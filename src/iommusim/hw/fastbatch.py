@@ -106,7 +106,7 @@ class IdentityPlan(BatchPlan):
         volatile: bool,
         touch: Callable[[], None] | None = None,
         perms: int = 3,
-        refuse: Callable[[U64Array], BoolArray] | None = None,
+        refuse: Callable[[U64Array], BoolArray | None] | None = None,
     ) -> None:
         self.counters = counters
         self.per_translation = per_translation
@@ -117,9 +117,8 @@ class IdentityPlan(BatchPlan):
 
     def exceptional(self, addrs: U64Array, accs: U8Array) -> BoolArray:
         out: BoolArray = (accs & np.uint8(~self.perms & 3)) != 0
-        if self.refuse is not None:
-            out = out | self.refuse(addrs)
-        return out
+        refused = self.refuse(addrs) if self.refuse is not None else None
+        return out if refused is None else out | refused
 
     def walk(self, addrs: U64Array, skip: BoolArray, need: int = 0) -> VecWalk:
         n = addrs.size
@@ -292,7 +291,7 @@ def _direct_segment(
         _maddrs(seg, w.base, w.shift, into=out.maddrs[sl])
         out.shifts[sl] = w.shift
         done = stop
-        reads = int(w.reads.sum(dtype=np.int64)) if plan.counts_reads else 0
+        reads = w.reads_total() if plan.counts_reads else 0
     else:
         idx = np.flatnonzero(part)
         out.maddrs[sl][idx] = _maddrs(seg[idx], w.base[idx], w.shift[idx])

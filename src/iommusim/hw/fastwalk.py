@@ -102,6 +102,14 @@ class VecWalk:
         out: U8Array = self.k_reads[self.inv] + self.read1.astype(np.uint8)
         return out
 
+    def reads_total(self) -> int:
+        """Entries read by the walks of every ``ok`` address (one pass when the regions walked alike)."""
+        ok = self.ok
+        if self.k_reads.size and int(self.k_reads.min()) == int(self.k_reads.max()):
+            n = int(np.count_nonzero(ok))
+            return int(self.k_reads[0]) * n + int(np.count_nonzero(self.read1 & ok))
+        return int(self.reads[ok].sum(dtype=np.int64))
+
     @property
     def l1_mfn(self) -> U64Array:
         out: U64Array = self.k_l1[self.inv]

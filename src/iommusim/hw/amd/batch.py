@@ -101,12 +101,12 @@ class AmdPlan(BatchPlan):
         self.dte_perms = int(dte.ir) | (int(dte.iw) << 1)
 
     def exceptional(self, addrs: U64Array, accs: U8Array) -> BoolArray:
-        u = self.unit
-        out: BoolArray = (accs & np.uint8(~self.dte_perms & 3)) != 0
-        reach = beyond_reach_mask(self.dte.mode)
-        if reach:
-            out |= (addrs & np.uint64(reach)) != 0
-        return out | excluded(u, self.dte, addrs)
+        denied = ~self.dte_perms & 3
+        out: BoolArray = (accs & np.uint8(denied)) != 0 if denied else np.zeros(addrs.shape, dtype=bool)
+        if beyond_reach_mask(self.dte.mode):  # the mode translates fewer than 64 bits
+            out |= addrs >= np.uint64(1 << (12 + 9 * self.dte.mode))
+        ex = excluded(self.unit, self.dte, addrs)
+        return out if ex is None else out | ex
 
     def walk(self, addrs: U64Array, skip: BoolArray, need: int = 0) -> VecWalk:
         u = self.unit
@@ -126,14 +126,14 @@ class AmdPlan(BatchPlan):
         bump(s, "walk_reads", reads)
 
 
-def excluded(unit: AmdIommu, dte: Dte, addrs: U64Array) -> BoolArray:
-    """Addresses in the exclusion range, when it applies to this device (they pass untranslated)."""
+def excluded(unit: AmdIommu, dte: Dte, addrs: U64Array) -> BoolArray | None:
+    """Addresses in the exclusion range (they pass untranslated), or None when it does not apply."""
     ex = unit._exbase.value
     if ex & regs.EXCL_ENABLE and (ex & regs.EXCL_ALLOW or dte.allow_exclusion):
         lo, hi = ex & regs.BASE_ADDR_MASK, unit._exlimit.value | 0xFFF
         out: BoolArray = (addrs >= np.uint64(lo)) & (addrs <= np.uint64(hi))
         return out
-    return np.zeros(addrs.shape, dtype=bool)
+    return None
 
 
 @contextmanager

@@ -98,7 +98,7 @@ class SmmuPlan(BatchPlan):
     def exceptional(self, addrs: U64Array, accs: U8Array) -> BoolArray:
         if self.geom.ipa_bits >= 64:
             return np.zeros(addrs.shape, dtype=bool)
-        out: BoolArray = (addrs >> _U(self.geom.ipa_bits)) != 0
+        out: BoolArray = addrs >= _U(1 << self.geom.ipa_bits)
         return out
 
     def walk(self, addrs: U64Array, skip: BoolArray, need: int = 0) -> VecWalk:
