@@ -186,7 +186,11 @@ class ReferenceBatch:
 
     def replay(self, source_id: int, daddrs: U64Array, accesses: U8Array) -> ReplayStats:
         """Per-step counts come from the unit's ``iotlb_hits``/``iotlb_misses``/``iotlb_evictions`` counters
-        (the shared ``Iotlb``'s names); a unit that never reports hits or misses is judged by ``cached``."""
+        (the shared ``Iotlb``'s names); a unit that never reports hits or misses is judged by ``cached``.
+
+        Whether the unit counts is decided over the whole run (and what it counted before), so a step that
+        never reached the IOTLB (a fault before it) shows no hit and no miss wherever it comes in the trace.
+        """
         addrs = _as_u64(daddrs)
         acc = np.asarray(accesses)
         if acc.shape != addrs.shape:
@@ -197,27 +201,25 @@ class ReferenceBatch:
         hits = np.zeros(n, dtype=np.uint8)
         misses = np.zeros(n, dtype=np.uint8)
         evictions = np.zeros(n, dtype=np.uint16)
+        cached = np.zeros(n, dtype=bool)
         translate = self.unit.translate
         counters = self.unit.counters
         prev = _iotlb_counts(counters())
         counted = prev[0] + prev[1] > 0  # the unit counts IOTLB lookups under the shared names
         for i, (daddr, a) in enumerate(zip(addrs.tolist(), acc.tolist(), strict=True)):
-            cached = False
             try:
                 t = translate(source_id, daddr, Perm(a))
                 maddrs[i] = t.maddr
-                cached = t.cached
+                cached[i] = t.cached
             except DmaFault as exc:
                 faults[i] = fault_code(exc)
             now = _iotlb_counts(counters())
             dh, dm, de = (x - y for x, y in zip(now, prev, strict=True))
             prev = now
             counted = counted or dh + dm > 0
-            if counted:
-                hits[i], misses[i] = dh, dm
-            else:
-                hits[i], misses[i] = cached, not cached
-            evictions[i] = de
+            hits[i], misses[i], evictions[i] = dh, dm, de
+        if not counted:
+            hits, misses = cached.astype(np.uint8), (~cached).astype(np.uint8)
         return ReplayStats(maddrs, faults, hits, misses, evictions)
 
 

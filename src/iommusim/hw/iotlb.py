@@ -11,8 +11,7 @@ from __future__ import annotations
 
 from collections import Counter, OrderedDict
 from collections.abc import Hashable, Iterator
-from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Generic, NamedTuple, TypeVar
 
 from iommusim.errors import InvalidArgument
 from iommusim.perms import Perm
@@ -77,8 +76,10 @@ class LruCache(Generic[K, V]):
         return key in self._d
 
 
-@dataclass(frozen=True, slots=True)
-class IotlbEntry:
+class IotlbEntry(NamedTuple):
+    """One cached translation (immutable; a named tuple because a batch creates one per IOTLB miss and a
+    tuple is built several times faster than a frozen dataclass)."""
+
     tag: int  # domain id / VMID the entry belongs to
     page: int  # input address >> page_shift
     page_shift: int
@@ -116,6 +117,10 @@ class Iotlb:
         self.page_shifts = tuple(sorted(set(page_shifts)))
         self._cache: LruCache[_Key, IotlbEntry] = LruCache(capacity, self.counters, "iotlb")
         self._by_tag: dict[int, dict[_Key, None]] = {}
+        #: How many entries of each page size are cached, and the sizes with any (a lookup tries only those:
+        #: an AMD unit allows 41 sizes but holds one or two).
+        self._shift_count: dict[int, int] = {}
+        self._live_shifts: tuple[int, ...] = ()
         #: With ``record``, every hit, miss, fill, eviction and invalidation as (event, tag, address).
         self.events: list[tuple[str, int, int]] | None = [] if record else None
 
@@ -130,9 +135,35 @@ class Iotlb:
         if self.events is not None:
             self.events.append((kind, tag, addr))
 
+    def _count_shift(self, shift: int, delta: int) -> None:
+        n = self._shift_count.get(shift, 0) + delta
+        if n:
+            self._shift_count[shift] = n
+        else:
+            self._shift_count.pop(shift, None)
+        if (n == 0) != (n - delta == 0):
+            self._live_shifts = tuple(sorted(self._shift_count))
+
+    def probe(self, tag: int, daddr: int) -> tuple[_Key, IotlbEntry] | None:
+        """The entry a lookup would hit, and its key, without counting or touching anything."""
+        d = self._cache._d
+        for shift in self._live_shifts:
+            key = (tag, daddr >> shift, shift)
+            e = d.get(key)
+            if e is not None:
+                return key, e
+        return None
+
+    def touch(self, key: _Key, daddr: int, count: bool = True) -> None:
+        """What a hit on ``key`` does besides answering: it becomes most recently used (and is counted)."""
+        self._cache._d.move_to_end(key)
+        if count:
+            self.counters["iotlb_hits"] += 1
+        self._event("hit", key[0], daddr)
+
     def lookup(self, tag: int, daddr: int) -> IotlbEntry | None:
         d = self._cache._d
-        for shift in self.page_shifts:
+        for shift in self._live_shifts:
             key = (tag, daddr >> shift, shift)
             e = d.get(key)
             if e is not None:
@@ -144,21 +175,28 @@ class Iotlb:
         self._event("miss", tag, daddr)
         return None
 
-    def insert(self, entry: IotlbEntry) -> None:
+    def insert(self, entry: IotlbEntry) -> int:
+        """Cache ``entry``; returns how many entries it pushed out (0 or 1)."""
         if entry.page_shift not in self.page_shifts:
             raise InvalidArgument(f"this IOTLB does not hold {1 << entry.page_shift:#x}-byte pages")
         key = (entry.tag, entry.page, entry.page_shift)
         d = self._cache._d
-        if key not in d and len(d) >= self._cache.capacity:
-            old_key, _ = d.popitem(last=False)
-            self._untag(old_key)
-            self.counters["iotlb_evictions"] += 1
-            self._event("evict", old_key[0], old_key[1] << old_key[2])
-        self._cache._d[key] = entry
-        self._cache._d.move_to_end(key)
+        evicted = 0
+        if key not in d:
+            if len(d) >= self._cache.capacity:
+                old_key, _ = d.popitem(last=False)
+                self._untag(old_key)
+                self._count_shift(old_key[2], -1)
+                self.counters["iotlb_evictions"] += 1
+                self._event("evict", old_key[0], old_key[1] << old_key[2])
+                evicted = 1
+            self._count_shift(entry.page_shift, 1)
+        d[key] = entry
+        d.move_to_end(key)
         self._by_tag.setdefault(entry.tag, {})[key] = None
         self.counters["iotlb_fills"] += 1
         self._event("fill", entry.tag, entry.daddr)
+        return evicted
 
     def _untag(self, key: _Key) -> None:
         keys = self._by_tag.get(key[0])
@@ -168,7 +206,8 @@ class Iotlb:
                 del self._by_tag[key[0]]
 
     def _drop(self, key: _Key) -> None:
-        self._cache._d.pop(key, None)
+        if self._cache._d.pop(key, None) is not None:
+            self._count_shift(key[2], -1)
         self._untag(key)
 
     # -- invalidation ---------------------------------------------------------------------------------
@@ -177,6 +216,8 @@ class Iotlb:
         n = len(self._cache)
         self._cache.clear()
         self._by_tag.clear()
+        self._shift_count.clear()
+        self._live_shifts = ()
         self.counters["iotlb_inv_global"] += 1
         self.counters["iotlb_inv_entries"] += n
         self._event("inv-all", -1, 0)

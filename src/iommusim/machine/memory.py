@@ -247,3 +247,47 @@ class MachineMemory:
             vals[sel] = self._segments[int(seg)][flat[sel]]
         out[hit] = vals
         return out
+
+    # -- slot-addressed gathers (batched walks that read the same tables many times) ------------------
+
+    def frame_slots(self, mfns: npt.ArrayLike) -> npt.NDArray[np.int64]:
+        """The storage slot of each frame of ``mfns``, -1 where the frame is not backed (reads as zeros).
+
+        A batched walk looks its few table frames up once and then reads many words of each by slot.
+        """
+        m = np.asarray(mfns, dtype=np.uint64)
+        out = np.full(m.shape, -1, dtype=np.int64)
+        if m.size == 0 or not self._slot_of:
+            return out
+        keys, slots = self._index()
+        pos = np.minimum(np.searchsorted(keys, m), len(keys) - 1)
+        hit = keys[pos] == m
+        out[hit] = slots[pos[hit]]
+        return out
+
+    def gather_slots(self, slots: npt.NDArray[np.int64], indexes: npt.NDArray[np.integer]) -> U64Array:
+        """Word ``indexes[i]`` of the frame in slot ``slots[i]``; a negative slot reads as zero."""
+        slots = np.asarray(slots, dtype=np.int64)
+        idx = np.asarray(indexes, dtype=np.int64)
+        if slots.size == 0:
+            return np.zeros(slots.shape, dtype=np.uint64)
+        lo, hi = int(slots.min()), int(slots.max())
+        if lo >= 0 and hi < _SEGMENT_FRAMES:  # the common case: every frame in the first segment
+            out: U64Array = self._segments[0][(slots << 9) | idx]
+            return out
+        out = np.zeros(slots.shape, dtype=np.uint64)
+        seg_of = slots >> 16
+        for seg in np.unique(seg_of[slots >= 0]).tolist():
+            sel = (seg_of == seg) & (slots >= 0)
+            out[sel] = self._segments[seg][((slots[sel] & (_SEGMENT_FRAMES - 1)) << 9) | idx[sel]]
+        return out
+
+    def gather_flat(self, flat: npt.NDArray[np.int64]) -> U64Array:
+        """Words at flat positions ``slot << 9 | index`` (every slot backed): a walk's per-address read."""
+        flat = np.asarray(flat, dtype=np.int64)
+        if flat.size == 0:
+            return np.zeros(flat.shape, dtype=np.uint64)
+        if int(flat.max()) < _SEGMENT_FRAMES * WORDS_PER_FRAME:
+            out: U64Array = self._segments[0][flat]
+            return out
+        return self.gather_slots(flat >> 9, flat & (WORDS_PER_FRAME - 1))

@@ -17,10 +17,15 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
+from functools import partial
 from typing import NoReturn
+
+import numpy.typing as npt
 
 from iommusim.errors import BadAddress, DmaFault
 from iommusim.hw.amd import regs
+from iommusim.hw.amd.batch import AmdPlan, bypassing_caches, excluded
 from iommusim.hw.amd.structs import (
     CMD_SIZE,
     DTE_SIZE,
@@ -44,6 +49,8 @@ from iommusim.hw.amd.structs import (
 )
 from iommusim.hw.amd.walker import WalkFault, WalkHit, walk_v1
 from iommusim.hw.base import Translation
+from iommusim.hw.batch import BatchResult, ReplayStats
+from iommusim.hw.fastbatch import BatchPlan, IdentityPlan, fast_replay, fast_translate_batch
 from iommusim.hw.iotlb import Iotlb, IotlbEntry, LruCache
 from iommusim.hw.mmio import Register, RegisterBlock
 from iommusim.machine.memory import MachineMemory
@@ -461,3 +468,44 @@ class AmdIommu:
         out["iotlb_size"] = len(self.iotlb)
         out["dte_cache_size"] = len(self.dte_cache)
         return out
+
+    # -- many translations at once (``iommusim.hw.batch.BatchTranslator``) ---------------------------------
+
+    def translate_batch(
+        self, source_id: int, daddrs: npt.ArrayLike, access: Perm, *, use_iotlb: bool = True
+    ) -> BatchResult:
+        """Translate every address in order, as that many ``translate`` calls would (faults recorded)."""
+        return fast_translate_batch(self, source_id, daddrs, access, use_iotlb=use_iotlb)
+
+    def replay(self, source_id: int, daddrs: npt.ArrayLike, accesses: npt.ArrayLike) -> ReplayStats:
+        """Run a DMA trace through the IOTLB, with per-step hit, miss and eviction counts."""
+        return fast_replay(self, source_id, daddrs, accesses)
+
+    def _bypassing_caches(self) -> AbstractContextManager[None]:
+        return bypassing_caches(self)
+
+    def _batch_plan(self, source_id: int) -> BatchPlan | None:
+        """The device's cached DTE when it describes a plain walk (see ``hw.amd.batch``) or untranslated DMA
+        (the unit off, V=0, paging mode 0), or None to let ``translate`` answer."""
+        volatile = self.irq_handler is not None
+        if not self.enabled:
+            return IdentityPlan(self.stats, {"translations": 1, "untranslated": 1}, volatile=volatile)
+        devid = source_id & 0xFFFF
+        qws = self.dte_cache.peek(devid)
+        if qws is None:
+            return None
+        dte = Dte.from_qwords(qws)
+        touch = partial(self.dte_cache._d.move_to_end, devid)
+        if not dte.valid:
+            counts = {"translations": 1, "dte_cache_hits": 1, "passthrough": 1}
+            return IdentityPlan(self.stats, counts, volatile=volatile, touch=touch)
+        if not dte.translation_valid or dte_reserved_bits(qws):
+            return None
+        if dte.mode == 0:
+            counts = {"translations": 1, "dte_cache_hits": 1, "untranslated_mode0": 1}
+            perms = int(dte.ir) | int(dte.iw) << 1
+            refuse = partial(excluded, self, dte)
+            return IdentityPlan(self.stats, counts, volatile=volatile, touch=touch, perms=perms, refuse=refuse)
+        if dte.iotlb or not 1 <= dte.mode <= min(6, self.paging_levels):
+            return None
+        return AmdPlan(self, devid, dte)

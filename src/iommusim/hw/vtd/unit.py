@@ -16,12 +16,19 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
+from functools import partial
+
+import numpy.typing as npt
 
 from iommusim.errors import DmaFault
 from iommusim.frames import PAGE_SHIFT
 from iommusim.hw.base import Translation
+from iommusim.hw.batch import BatchResult, ReplayStats
+from iommusim.hw.fastbatch import BatchPlan, IdentityPlan, fast_replay, fast_translate_batch
 from iommusim.hw.iotlb import Iotlb, IotlbEntry
 from iommusim.hw.mmio import Register, RegisterBlock
+from iommusim.hw.vtd.batch import VtdPlan, bypassing_caches
 from iommusim.hw.vtd.caches import (
     AtsEntry,
     ContextCache,
@@ -589,3 +596,32 @@ class VtdUnit:
         return [
             FaultRecord.decode(self.regs.get(f"FRCD{i}_LO"), self.regs.get(f"FRCD{i}_HI")) for i in range(self.cap.nfr)
         ]
+
+    # -- many translations at once (``iommusim.hw.batch.BatchTranslator``) ---------------------------------
+
+    def translate_batch(
+        self, source_id: int, daddrs: npt.ArrayLike, access: Perm, *, use_iotlb: bool = True
+    ) -> BatchResult:
+        """Translate every address in order, as that many ``translate`` calls would (faults recorded)."""
+        return fast_translate_batch(self, source_id, daddrs, access, use_iotlb=use_iotlb)
+
+    def replay(self, source_id: int, daddrs: npt.ArrayLike, accesses: npt.ArrayLike) -> ReplayStats:
+        """Run a DMA trace through the IOTLB, with per-step hit, miss and eviction counts."""
+        return fast_replay(self, source_id, daddrs, accesses)
+
+    def _bypassing_caches(self) -> AbstractContextManager[None]:
+        return bypassing_caches(self)
+
+    def _batch_plan(self, source_id: int) -> BatchPlan | None:
+        """The device's cached context (what ``translate`` would use), or None to let ``translate`` answer."""
+        volatile = self.fault_irq.handler is not None
+        if not self.translation_enabled:
+            return IdentityPlan(self.counters_, {"untranslated": 1}, volatile=volatile)
+        cached = self.context_cache._c
+        info = cached.peek(source_id)
+        if info is None or not info.present:
+            return None
+        if info.t == TranslationType.PASS_THROUGH:
+            touch = partial(cached._d.move_to_end, source_id)
+            return IdentityPlan(self.counters_, {"ctx_hits": 1, "pass_through": 1}, volatile=volatile, touch=touch)
+        return VtdPlan(self, source_id, info)
