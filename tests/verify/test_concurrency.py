@@ -296,6 +296,106 @@ def test_a_walk_in_flight_does_not_outlive_the_invalidation(vendor: str) -> None
     assert rig.dma_read(NIC, target) is None  # the device lost the page with the unmap
 
 
+def _two_waiters(first: Callable[[], object], second: Callable[[], object]) -> list[BaseException]:
+    """Run ``first`` and, once it has signalled (through the hooks), ``second``; what each raised."""
+    errors: list[BaseException] = []
+
+    def guard(fn: Callable[[], object]) -> Callable[[], None]:
+        def run() -> None:
+            try:
+                fn()
+            except BaseException as exc:  # reported by the test
+                errors.append(exc)
+
+        return run
+
+    a, b = threading.Thread(target=guard(first), name="A"), threading.Thread(target=guard(second), name="B")
+    a.start()
+    b.start()
+    a.join(20)
+    b.join(20)
+    return errors
+
+
+@pytest.mark.skipif("vtd" not in VENDORS, reason="VT-d is not installed")
+def test_vtd_invalidation_waits_do_not_share_a_completion() -> None:
+    """Regression: two CPUs waiting on one unit used one status slot; the second's reset hid the first's done.
+
+    A's wait descriptor has completed (status 1) when B, starting its own wait, resets the slot to 0 and
+    has not queued its descriptor yet; A then polls 0 until it times out.  The hooks hold A before its
+    poll and B before it queues, so that this happens whenever nothing keeps B out of A's wait.
+    """
+    rig = _fresh("vtd")
+    unit = rig.p.ops.units[0]  # type: ignore[attr-defined]
+    poll, put = unit._poll, unit._qi_put
+    a_polling, b_reset, a_done = threading.Event(), threading.Event(), threading.Event()
+
+    def held_poll(what: str, done: object, timeout_ms: int = 1) -> None:
+        if threading.current_thread().name == "A" and what.startswith("invalidation wait"):
+            a_polling.set()
+            b_reset.wait(0.3)
+        poll(what, done, timeout_ms)
+
+    def held_put(lo: int, hi: int) -> None:
+        if threading.current_thread().name == "B" and not b_reset.is_set():
+            b_reset.set()  # B has reset the status slot (qi_wait does that first) and queues now
+            a_done.wait(0.3)
+        put(lo, hi)
+
+    def first() -> None:
+        try:
+            unit.qi_wait()
+        finally:
+            a_done.set()
+
+    def second() -> None:
+        a_polling.wait(5)
+        unit.qi_wait()
+
+    unit._poll, unit._qi_put = held_poll, held_put
+    errors = _two_waiters(first, second)
+    assert errors == []
+
+
+@pytest.mark.skipif("amd" not in VENDORS, reason="AMD-Vi is not installed")
+def test_amd_completion_waits_do_not_share_a_semaphore() -> None:
+    """Regression: B's completion wait reset the semaphore A was polling for, so A's wait timed out."""
+    rig = _fresh("amd")
+    unit = rig.p.ops.units[0]  # type: ignore[attr-defined]
+    send = unit.send
+    a_sent, b_reset, a_done = threading.Event(), threading.Event(), threading.Event()
+
+    def held_send(cmd: Any) -> bool:
+        me = threading.current_thread().name
+        if me == "B" and not b_reset.is_set():
+            b_reset.set()  # B has bumped the sequence and cleared the semaphore, and sends now
+            a_done.wait(0.3)
+        ok = bool(send(cmd))
+        if me == "A" and not a_sent.is_set():
+            a_sent.set()
+            b_reset.wait(0.3)  # A's completion has been stored; hold A before it polls
+        return ok
+
+    results: list[bool] = []
+
+    def first() -> None:
+        try:
+            results.append(unit.completion_wait())
+        finally:
+            a_done.set()
+
+    def second() -> None:
+        a_sent.wait(5)
+        results.append(unit.completion_wait())
+
+    unit.send = held_send
+    timeouts = unit.stats.get("completion_wait_timeouts", 0)
+    errors = _two_waiters(first, second)
+    assert errors == []
+    assert results == [True, True]
+    assert unit.stats.get("completion_wait_timeouts", 0) == timeouts
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("vendor", VENDORS)
 @pytest.mark.parametrize("round_", range(10))
