@@ -44,7 +44,7 @@ from iommusim.arm.vtcr import P2mLayout, VmidAllocator
 from iommusim.errors import InvalidArgument
 from iommusim.frames import PAGE_SHIFT, Dfn, Gfn, Mfn, expect_kind
 from iommusim.iommu.ops import DomainIommu
-from iommusim.machine.p2m import P2mEntry, P2mType
+from iommusim.machine.p2m import P2mEntry, P2mType, check_order
 from iommusim.pagetable.arm_s2 import (
     MATTR_DEV,
     MATTR_MEM,
@@ -273,11 +273,11 @@ class ArmP2m:
 
     def guest_physmap_add_entry(self, gfn: Gfn, mfn: Mfn, order: int, type: P2mType) -> FlushFlags:
         """Map ``2**order`` frames (replacing whatever was there); returns what the change did."""
-        return self.insert_mapping(gfn, 1 << order, mfn, type)
+        return self.insert_mapping(gfn, 1 << check_order(order), mfn, type)
 
     def guest_physmap_remove_page(self, gfn: Gfn, order: int, mfn: Mfn | None = None) -> FlushFlags:
         """Unmap ``2**order`` frames (Xen ignores the machine frame it is given)."""
-        return self.remove_mapping(gfn, 1 << order)
+        return self.remove_mapping(gfn, 1 << check_order(order))
 
     def insert_mapping(self, gfn: Gfn, nr: int, mfn: Mfn, type: P2mType) -> FlushFlags:
         """p2m_insert_mapping (map_regions_p2mt and friends): ``nr`` frames from ``gfn`` to ``mfn``."""

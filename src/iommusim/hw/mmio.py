@@ -4,12 +4,17 @@ Hardware models declare their registers as offsets with a width, a reset value, 
 write, and optional hooks; drivers access them only through ``read``/``write`` with an offset and size,
 as a CPU would through MMIO.  Accesses must be naturally aligned and hit a declared register (or a 32-bit
 half of a 64-bit one); anything else raises, because a driver doing that is broken.
+
+A unit may hand its block a lock: a write and the work its hook starts (an invalidation, a queue run)
+then happen as one step with respect to the unit's translations, which take the same lock.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
+from typing import Any
 
 from iommusim.errors import BadAddress
 
@@ -36,9 +41,10 @@ class Register:
 
 
 class RegisterBlock:
-    def __init__(self, name: str, size: int) -> None:
+    def __init__(self, name: str, size: int, *, lock: AbstractContextManager[Any] | None = None) -> None:
         self.name = name
         self.size = size
+        self._lock: AbstractContextManager[Any] = lock if lock is not None else nullcontext()
         self._regs: dict[int, Register] = {}
         self.accesses = 0
 
@@ -75,14 +81,15 @@ class RegisterBlock:
         return (value >> shift) & ((1 << (8 * size)) - 1)
 
     def write(self, offset: int, value: int, size: int = 4) -> None:
-        self.accesses += 1
-        reg, shift = self._locate(offset, size)
-        mask = ((1 << (8 * size)) - 1) << shift
-        incoming = (value << shift) & mask
-        old = reg.value
-        cleared = old & ~(incoming & reg.w1c & mask)
-        new = (cleared & ~(reg.writable & mask)) | (incoming & reg.writable)
-        reg.value = reg.on_write(old, new) if reg.on_write else new
+        with self._lock:
+            self.accesses += 1
+            reg, shift = self._locate(offset, size)
+            mask = ((1 << (8 * size)) - 1) << shift
+            incoming = (value << shift) & mask
+            old = reg.value
+            cleared = old & ~(incoming & reg.w1c & mask)
+            new = (cleared & ~(reg.writable & mask)) | (incoming & reg.writable)
+            reg.value = reg.on_write(old, new) if reg.on_write else new
 
     def set(self, name: str, value: int) -> None:
         """Hardware-side update of a register (status bits, head pointers), bypassing write masks."""

@@ -222,6 +222,8 @@ class Iommu:
     def iotlb_flush(self, d: Domain, dfn: Dfn, count: int, flags: FlushFlags = FlushFlags.MODIFIED) -> None:
         """Flush ``count`` pages from ``dfn``; no-op without IOMMU, without the op, or with nothing to flush."""
         expect_kind(Dfn, dfn, "dfn")
+        if count < 0:  # Xen's page_count is unsigned: a negative count is the caller's mistake, not a flush
+            raise InvalidArgument("negative page count", op="iotlb_flush", domain=d)
         ops = self._ops_for(d)
         if ops is None or not count or not flags:
             return

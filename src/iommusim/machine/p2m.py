@@ -16,7 +16,28 @@ from typing import Protocol
 from iommusim.frames import Gfn, Mfn, expect_kind
 from iommusim.perms import Perm
 
-__all__ = ["DictP2m", "P2m", "P2mChange", "P2mEntry", "P2mType", "iommu_perms_for_type"]
+__all__ = [
+    "MAX_P2M_ORDER",
+    "DictP2m",
+    "P2m",
+    "P2mChange",
+    "P2mEntry",
+    "P2mType",
+    "check_order",
+    "iommu_perms_for_type",
+]
+
+#: The largest change a p2m takes at once: 2**18 frames, one 1 GiB page (x86's PAGE_ORDER_1G).
+MAX_P2M_ORDER = 18
+
+
+def check_order(order: int) -> int:
+    """EINVAL for an order a p2m cannot take (a negative one, or one beyond 1 GiB), before anything changes."""
+    from iommusim.errors import InvalidArgument
+
+    if not isinstance(order, int) or not 0 <= order <= MAX_P2M_ORDER:
+        raise InvalidArgument(f"p2m order {order!r} is outside 0..{MAX_P2M_ORDER}")
+    return order
 
 
 class P2mType(Enum):
@@ -95,7 +116,7 @@ class DictP2m:
     def set_entry(self, gfn: Gfn, mfn: Mfn, order: int, type: P2mType) -> None:
         g = expect_kind(Gfn, gfn, "gfn").value
         m = expect_kind(Mfn, mfn, "mfn").value
-        n = 1 << order
+        n = 1 << check_order(order)
         old = [self._map.get(g + i) for i in range(n)]
         for i in range(n):
             self._map[g + i] = P2mEntry(Mfn(m + i), type)
@@ -103,7 +124,7 @@ class DictP2m:
 
     def remove(self, gfn: Gfn, order: int) -> None:
         g = expect_kind(Gfn, gfn, "gfn").value
-        old = [self._map.pop(g + i, None) for i in range(1 << order)]
+        old = [self._map.pop(g + i, None) for i in range(1 << check_order(order))]
         self._notify(P2mChange(gfn, order, None, old))
 
     def lookup(self, gfn: Gfn) -> P2mEntry | None:

@@ -9,7 +9,11 @@ silently dropped as the seed-era Xen did.
 
 from __future__ import annotations
 
+import functools
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Concatenate, ParamSpec, TypeVar
 
 from iommusim.console import LogLevel
 from iommusim.drivers.amd.ivrs import Ivhd
@@ -36,6 +40,22 @@ __all__ = ["CMD_ENTRIES_DEFAULT", "EVENT_ENTRIES_DEFAULT", "POLL_LIMIT", "Ring",
 CMD_ENTRIES_DEFAULT = 512  # Xen's IOMMU_CMD_BUFFER_DEFAULT_ENTRIES
 EVENT_ENTRIES_DEFAULT = 512  # Xen's IOMMU_EVENT_LOG_DEFAULT_ENTRIES
 POLL_LIMIT = 1000  # register or memory reads before giving up on the hardware
+
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+_U = TypeVar("_U", bound="UnitHandle")
+
+
+def _serialised(fn: Callable[Concatenate[_U, _P], _R]) -> Callable[Concatenate[_U, _P], _R]:
+    """Run the method under the unit's lock (Xen's iommu->lock): one CPU at a time uses the ring."""
+
+    @functools.wraps(fn)
+    def locked(self: _U, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        with self.lock:
+            return fn(self, *args, **kwargs)
+
+    return locked
 
 
 @dataclass
@@ -67,6 +87,9 @@ class UnitHandle:
     enabled: bool = False
     sequence: int = 0
     stats: dict[str, int] = field(default_factory=dict)
+    #: Xen's iommu->lock: the command ring's tail, the completion-wait semaphore and its sequence
+    #: number are shared by every CPU that flushes through this unit.
+    lock: threading.RLock = field(default_factory=threading.RLock, repr=False, compare=False)
     _ring_full_reported: bool = False
 
     @property
@@ -179,6 +202,7 @@ class UnitHandle:
 
     # -- the command buffer -------------------------------------------------------------------------------
 
+    @_serialised
     def send(self, cmd: Command) -> bool:
         """Copy a command into the ring at the software tail and publish it; False if it was dropped."""
         ring = self.cmd
@@ -213,6 +237,7 @@ class UnitHandle:
         self._count("ring_full_timeouts")
         raise TimedOut(f"{self.name}: the command ring stayed full: the IOMMU is not consuming commands")
 
+    @_serialised
     def completion_wait(self) -> bool:
         """Wait until every command queued so far has run (Xen's flush_command_buffer).
 
@@ -237,18 +262,22 @@ class UnitHandle:
 
     # -- invalidations (each followed by a completion wait, as Xen sends them) -------------------------------
 
+    @_serialised
     def flush_device(self, device_id: int) -> None:
         self.send(InvalidateDevtabEntry(device_id))
         self.completion_wait()
 
+    @_serialised
     def flush_intremap(self, device_id: int) -> None:
         self.send(InvalidateIntTable(device_id))
         self.completion_wait()
 
+    @_serialised
     def flush_all_caches(self) -> None:
         self.send(InvalidateIommuAll())
         self.completion_wait()
 
+    @_serialised
     def invalidate_pages(self, domain_id: int, daddr: int, order: int) -> None:
         """INVALIDATE_IOMMU_PAGES for 2**order pages (orders 0, 9, 18) or, with the sentinel, everything."""
         if order not in (0, 9, 18):
@@ -256,6 +285,7 @@ class UnitHandle:
         self.send(InvalidateIommuPages.for_order(domain_id, daddr, order))
         self.completion_wait()
 
+    @_serialised
     def invalidate_iotlb(self, device_id: int, maxpend: int, daddr: int, order: int) -> None:
         """INVALIDATE_IOTLB_PAGES for a device with ATS; queue id = device id, PASID 0."""
         address, s = invalidation_address(daddr, order)

@@ -132,6 +132,17 @@ class VtdDriver:
         self._check_width(st, d, dfn)
         return dfn
 
+    def _check_mfn(self, d: Domain, mfn: Mfn, count: int = 1) -> None:
+        """A machine frame the entry's address field cannot hold (beyond the units' width) is EINVAL.
+
+        Written as it is, its high bits would land in reserved or software fields and the entry would
+        map some other frame, or fault, while the caller is told the page is mapped.
+        """
+        if (mfn.value + count) << PAGE_SHIFT > 1 << self.fmt.haw:
+            raise InvalidArgument(
+                f"{mfn!r}+{count} is beyond the {self.fmt.haw}-bit address width of the remapping units", domain=d
+            )
+
     def _leaf(self, mfn: Mfn, perms: Perm, level: int = 1) -> int:
         return (mfn.value << PAGE_SHIFT) | self.fmt.leaf_bits(perms, level, self.snoop if perms else None)
 
@@ -270,6 +281,7 @@ class VtdDriver:
             return FlushFlags.NONE
         st = self.state(d)
         dfn = self._page_dfn(st, d, dfn)
+        self._check_mfn(d, mfn)
         new = self._leaf(mfn, perms)
         with d.iommu.mapping_lock:
             change = st.table.set_leaf(dfn.value, new)
@@ -323,6 +335,7 @@ class VtdDriver:
             return FlushFlags.NONE
         st = self.state(d)
         self._check_width(st, d, dfn, count)
+        self._check_mfn(d, mfn, count)
         bits = {lv: self.fmt.leaf_bits(perms, lv, self.snoop if perms else None) for lv in self.fmt.leaf_levels}
         if not perms:
             bits = {1: 0}

@@ -9,8 +9,11 @@ run on the simulated clock and give up with ETIMEDOUT, as Xen's do.
 
 from __future__ import annotations
 
+import functools
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Concatenate, ParamSpec, TypeVar
 
 from iommusim.console import LogLevel
 from iommusim.errors import BadAddress, NoDevice, OutOfMemory, TimedOut
@@ -42,6 +45,22 @@ if TYPE_CHECKING:
     from iommusim.iommu.layer import Iommu
 
 __all__ = ["Granularity", "IommuUnit"]
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+_U = TypeVar("_U", bound="IommuUnit")
+
+
+def _serialised(fn: Callable[Concatenate[_U, _P], _R]) -> Callable[Concatenate[_U, _P], _R]:
+    """Run the method under the unit's lock (Xen's register_lock): one CPU at a time invalidates."""
+
+    @functools.wraps(fn)
+    def locked(self: _U, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        with self.lock:
+            return fn(self, *args, **kwargs)
+
+    return locked
+
 
 _POLL_STEP_NS = 20_000  # simulated time one poll of a status bit or slot takes
 _QI_TIMEOUT_MS = 1  # Xen's timeout for an ordinary invalidation wait
@@ -87,6 +106,9 @@ class IommuUnit:
     #: context table of each bus that has one (the root entries point to them)
     context_tables: dict[int, Mfn] = field(default_factory=dict)
     saved_fault_regs: tuple[int, int, int, int] | None = None
+    #: Xen's iommu->register_lock: the queue tail, the wait status slot and the register-based
+    #: invalidation commands are shared by every CPU that flushes through this unit.
+    lock: threading.RLock = field(default_factory=threading.RLock, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.cap = Cap.decode(self.read64(Reg.CAP))
@@ -235,11 +257,13 @@ class IommuUnit:
         q.tail = nxt
         self.write64(Reg.IQT, q.tail << IQ_INDEX_SHIFT)
 
+    @_serialised
     def qi_submit(self, lo: int, hi: int, *, timeout_ms: int = _QI_TIMEOUT_MS) -> None:
         """Queue one descriptor and a wait descriptor behind it, and poll the wait's status slot."""
         self._qi_put(lo, hi)
         self.qi_wait(timeout_ms)
 
+    @_serialised
     def qi_wait(self, timeout_ms: int = _QI_TIMEOUT_MS) -> None:
         q = self.queue
         assert q is not None
@@ -259,6 +283,7 @@ class IommuUnit:
 
     # -- flushes (Xen's flush_context / flush_iotlb with both backends) ----------------------------------
 
+    @_serialised
     def flush_context(self, did: int, sid: int, fm: int, gran: int, flush_non_present: bool) -> int:
         """Invalidate context-cache entries; 1 means "nothing cached, flush the write buffer instead"."""
         if flush_non_present:
@@ -273,6 +298,7 @@ class IommuUnit:
         self._poll("context invalidation", lambda: not self.read64(Reg.CCMD) & CCMD.ICC)
         return 0
 
+    @_serialised
     def flush_iotlb(
         self,
         did: int,

@@ -15,6 +15,7 @@ therefore visible as DMA that still follows the old entry.
 
 from __future__ import annotations
 
+import threading
 from collections import Counter
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
@@ -99,13 +100,15 @@ COUNTER_NAMES = (
 class _Registers(RegisterBlock):
     """A register block that tells the unit after each software write, so it can act on the new value."""
 
-    def __init__(self, name: str, after_write: Callable[[int], None]) -> None:
-        super().__init__(name, regs.MMIO_SIZE)
+    def __init__(self, name: str, after_write: Callable[[int], None], lock: threading.RLock) -> None:
+        super().__init__(name, regs.MMIO_SIZE, lock=lock)
         self._after_write = after_write
+        self._unit_lock = lock
 
     def write(self, offset: int, value: int, size: int = 4) -> None:
-        super().write(offset, value, size)
-        self._after_write(offset & ~7)
+        with self._unit_lock:  # the write and the commands it makes the unit run, as one step
+            super().write(offset, value, size)
+            self._after_write(offset & ~7)
 
 
 class AmdIommu:
@@ -142,7 +145,11 @@ class AmdIommu:
         self._processing = False
         #: Why the command processor last halted (empty while it never has).
         self.last_command_error = ""
-        self.mmio = _Registers(name, self._after_write)
+        #: Held by a translation from cache lookup to cache fill, and by every register write with the
+        #: commands it runs: an invalidation never completes while a walk that read the old entries has
+        #: yet to cache its result.
+        self.lock = threading.RLock()
+        self.mmio = _Registers(name, self._after_write, self.lock)
         self._build_registers()
 
     # -- registers -----------------------------------------------------------------------------------
@@ -386,6 +393,10 @@ class AmdIommu:
         return atc
 
     def translate(self, source_id: int, daddr: int, access: Perm) -> Translation:
+        with self.lock:
+            return self._translate(source_id, daddr, access)
+
+    def _translate(self, source_id: int, daddr: int, access: Perm) -> Translation:
         s = self.stats
         s["translations"] += 1
         if not self.enabled:

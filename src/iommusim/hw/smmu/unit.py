@@ -31,6 +31,7 @@ non-secure only; there is no walk cache (only final translations are cached).
 
 from __future__ import annotations
 
+import threading
 from collections import Counter
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
@@ -167,6 +168,10 @@ class SmmuV2:
         self.config = cfg = config or SmmuConfig()
         self.name = cfg.name
         self._counters: Counter[str] = Counter()
+        #: Held by a translation from TLB lookup to TLB fill, and by every register write with the
+        #: invalidations it runs: a TLB sync never completes while a walk that read the old entries has
+        #: yet to cache its result.
+        self.lock = threading.RLock()
         self.tlb = Iotlb(cfg.tlb_entries, page_shifts=cfg.tlb_page_shifts, counters=self._counters)
         self._irq: dict[int, IrqHandler] = {}
         self._pending: list[tuple[str, int, int]] = []  # accepted, not yet completed invalidations
@@ -213,7 +218,7 @@ class SmmuV2:
 
     def _build_gr0(self) -> RegisterBlock:
         cfg = self.config
-        b = RegisterBlock(f"{cfg.name}.gr0", regs.PAGE_SIZE)
+        b = RegisterBlock(f"{cfg.name}.gr0", regs.PAGE_SIZE, lock=self.lock)
         scr0_bits = 0xFFFF_FFFF & ~(regs.Scr0.STALLD | regs.Scr0.GSE)
         self._scr0 = b.add(
             Register("sCR0", regs.GR0_SCR0, 4, reset=regs.Scr0.CLIENTPD | regs.Scr0.SMCFCFG, writable=scr0_bits)
@@ -258,7 +263,7 @@ class SmmuV2:
         return b
 
     def _build_gr1(self) -> RegisterBlock:
-        b = RegisterBlock(f"{self.config.name}.gr1", regs.PAGE_SIZE)
+        b = RegisterBlock(f"{self.config.name}.gr1", regs.PAGE_SIZE, lock=self.lock)
         self._cbars: list[Register] = []
         self._cba2rs: list[Register] = []
         self._cbfrsynras: list[Register] = []
@@ -269,7 +274,7 @@ class SmmuV2:
         return b
 
     def _build_bank(self, n: int) -> _Bank:
-        b = RegisterBlock(f"{self.config.name}.cb{n}", regs.CB_SIZE)
+        b = RegisterBlock(f"{self.config.name}.cb{n}", regs.CB_SIZE, lock=self.lock)
         rw32 = 0xFFFF_FFFF
         rw64 = (1 << 64) - 1
         sctlr = b.add(Register("SCTLR", regs.CB_SCTLR, 4, writable=rw32))
@@ -404,6 +409,10 @@ class SmmuV2:
         return [n for n, smr in self._smr_cache if smr.matches(sid)]
 
     def translate(self, source_id: int, daddr: int, access: Perm) -> Translation:
+        with self.lock:
+            return self._translate(source_id, daddr, access)
+
+    def _translate(self, source_id: int, daddr: int, access: Perm) -> Translation:
         self._counters["translations"] += 1
         write = bool(access & Perm.W)
         scr0 = self._scr0.value

@@ -14,6 +14,7 @@ when it holds the level-2 entry) with permissions ANDed over the levels.
 
 from __future__ import annotations
 
+import threading
 from collections import Counter
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
@@ -152,6 +153,10 @@ class VtdUnit:
         self.stall_queue = False
         self._root_table: int | None = None  # latched by SRTP
         self._next_frcd = 0
+        #: Held by a translation from cache lookup to cache fill, and by every register write with the
+        #: invalidations it runs: an invalidation never completes while a walk that read the old entries
+        #: has yet to cache its result (the hardware's guarantee that "done" means done).
+        self.lock = threading.RLock()
         self.regs = self._make_registers()
 
     # -- registers ------------------------------------------------------------------------------------
@@ -160,7 +165,7 @@ class VtdUnit:
         cap, ecap = self.cap, self.ecap
         frcd_end = cap.fro + 16 * cap.nfr
         size = max(0x1000, frcd_end, ecap.iro + 16)
-        rb = RegisterBlock(self.name, size)
+        rb = RegisterBlock(self.name, size, lock=self.lock)
         rb.add(Register("VER", Reg.VER, 4, reset=VER_1_0))
         rb.add(Register("CAP", Reg.CAP, 8, reset=cap.encode()))
         rb.add(Register("ECAP", Reg.ECAP, 8, reset=ecap.encode()))
@@ -506,6 +511,10 @@ class VtdUnit:
 
     def translate(self, source_id: int, daddr: int, access: Perm) -> Translation:
         """Translate one untranslated request, or record the fault and raise ``DmaFault``."""
+        with self.lock:
+            return self._translate(source_id, daddr, access)
+
+    def _translate(self, source_id: int, daddr: int, access: Perm) -> Translation:
         if not self.translation_enabled:
             self.counters_["untranslated"] += 1
             return Translation(daddr, PAGE_SHIFT, Perm.RW, cached=False)
@@ -523,6 +532,10 @@ class VtdUnit:
 
     def ats_translate(self, source_id: int, daddr: int, access: Perm) -> Translation:
         """A device's ATS translation request: served only for device-TLB contexts (T=1)."""
+        with self.lock:
+            return self._ats_translate(source_id, daddr, access)
+
+    def _ats_translate(self, source_id: int, daddr: int, access: Perm) -> Translation:
         try:
             ctx = self._context(source_id)
             if ctx.t != TranslationType.DEVICE_TLB:
