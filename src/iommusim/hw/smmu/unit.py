@@ -556,12 +556,17 @@ class SmmuV2:
     def translate_batch(
         self, source_id: int, daddrs: npt.ArrayLike, access: Perm, *, use_iotlb: bool = True
     ) -> BatchResult:
-        """Translate every address in order, as that many ``translate`` calls would (faults recorded)."""
-        return fast_translate_batch(self, source_id, daddrs, access, use_iotlb=use_iotlb)
+        """Translate every address in order, as that many ``translate`` calls would (faults recorded).
+
+        The unit's lock is held for the whole batch, so no invalidation lands between a walk and its fill.
+        """
+        with self.lock:
+            return fast_translate_batch(self, source_id, daddrs, access, use_iotlb=use_iotlb)
 
     def replay(self, source_id: int, daddrs: npt.ArrayLike, accesses: npt.ArrayLike) -> ReplayStats:
-        """Run a DMA trace through the IOTLB, with per-step hit, miss and eviction counts."""
-        return fast_replay(self, source_id, daddrs, accesses)
+        """Run a DMA trace through the IOTLB, with per-step hit, miss and eviction counts (under the lock)."""
+        with self.lock:
+            return fast_replay(self, source_id, daddrs, accesses)
 
     def _bypassing_caches(self) -> AbstractContextManager[None]:
         return bypassing_caches(self)
