@@ -29,7 +29,7 @@ def test_no_one_takes_the_units_lock_in_the_middle_of_a_batch(
     assert route is not None
     unit = route.unit
     assert isinstance(unit, BatchTranslator)
-    lock = getattr(unit, "lock")
+    lock = unit.lock
     daddrs = np.arange(8, dtype=np.uint64) << np.uint64(12)
     unit.translate_batch(route.source_id, daddrs, Perm.R, use_iotlb=use_iotlb)  # warm the context caches
     if use_iotlb:
