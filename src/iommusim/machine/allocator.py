@@ -12,6 +12,8 @@ import threading
 from collections import Counter
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from iommusim.errors import InvalidArgument, OutOfMemory
 from iommusim.frames import Mfn
 from iommusim.machine.memory import MachineMemory
@@ -103,6 +105,38 @@ class PageAllocator:
             self.pages.set_owner(mfn, count, DOMID_XEN)
             self.in_use[owner] += count
             return Mfn(mfn)
+
+    def alloc_frames(self, owner: str, count: int, out: list[int]) -> None:
+        """``count`` single zeroed hypervisor frames, exactly as ``count`` calls of ``alloc(owner)`` would give.
+
+        Each frame is appended to ``out`` as it is taken, so that when an injected or real ENOMEM stops the
+        run part way the caller knows (and can undo) what it already holds.  Same frames, same order, same
+        counters and failure points as the one-by-one calls; only the bookkeeping is done in bulk.
+        """
+        if count <= 0:
+            return
+        start = len(out)
+        with self._lock:
+            try:
+                for _ in range(count):
+                    self.allocations += 1
+                    if self.failure is not None and self.failure.should_fail(owner):
+                        raise OutOfMemory(f"injected failure of allocation #{self.allocations} for {owner}")
+                    if self._xen_free:
+                        out.append(self._xen_free.pop())
+                        continue
+                    mfn = self._high - 1
+                    if mfn < self._low:
+                        raise OutOfMemory(f"no room for 1 hypervisor frame(s) for {owner}")
+                    self._high = mfn
+                    out.append(mfn)
+            finally:
+                got = out[start:]
+                if got:
+                    self._owner_of.update(dict.fromkeys(got, owner))
+                    self.memory.back_many(got)
+                    self.pages.owner[np.asarray(got, dtype=np.int64)] = DOMID_XEN
+                    self.in_use[owner] += len(got)
 
     def free(self, mfn: Mfn, count: int = 1) -> None:
         """Return hypervisor frames; their contents are scrubbed."""

@@ -247,6 +247,11 @@ class AmdV1Format(PageTableFormat):
         ones[nz] = np.log2(lowest_zero[nz].astype(np.float64)).astype(np.int64)
         return np.minimum(ones, _ADDR_BITS) + 13
 
+    def table_entry_array(self, table_maddrs: U64Array, level: int) -> U64Array:
+        fixed = PR | ((level - 1) << NEXT_LEVEL_SHIFT) | IR | IW
+        out: U64Array = (table_maddrs & np.uint64(ADDR_MASK)) | np.uint64(fixed)
+        return out
+
     def table_array(self, words: U64Array, level: int) -> npt.NDArray[np.bool_]:
         words = np.asarray(words, dtype=np.uint64)
         nl = self._nl(words)

@@ -347,6 +347,13 @@ class ArmS2Format(PageTableFormat):
 
     # -- vectorised views -------------------------------------------------------------------------------
 
+    def table_entry_array(self, table_maddrs: U64Array, level: int) -> U64Array:
+        fixed = self.table_entry(0, level)  # the address is ORed in: checks the level once
+        if (table_maddrs & _u64(~OA_MASK & ((1 << 64) - 1))).any():
+            raise InvalidArgument("a table address is not a 4 KiB-aligned 48-bit address")
+        out: U64Array = table_maddrs | _u64(fixed)
+        return out
+
     def table_array(self, words: U64Array, level: int) -> npt.NDArray[np.bool_]:
         """Usable table descriptors (a table descriptor with RES0 or out-of-range bits is malformed)."""
         if level == 1:

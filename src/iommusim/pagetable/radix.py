@@ -67,6 +67,10 @@ class Journal:
 class RadixTable:
     """A page-table tree in machine memory, edited through one ``PageTableFormat``."""
 
+    #: Whether ``map_range`` may write runs spanning many leaf tables in bulk.  Turning it off (per instance)
+    #: gives the plain per-table loop, the reference the bulk path is tested against.
+    bulk: bool = True
+
     def __init__(
         self,
         memory: MachineMemory,
@@ -300,6 +304,12 @@ class RadixTable:
                 level = next(
                     lv for lv in levels_desc if not ((d | m) & ((1 << (9 * (lv - 1))) - 1)) and left >> (9 * (lv - 1))
                 )
+                if level == 1 and self.levels > 2 and self.bulk:
+                    run4k = _level1_extent(d, m, left, levels_desc)
+                    if run4k > 512 - (d & 511):  # more than one leaf table: the bulk path
+                        self._map_4k_bulk(d, m, run4k, leaf_bits[1], journal, change)
+                        pos += run4k
+                        continue
                 span = 9 * (level - 1)
                 table = self._descend(d, level, journal, change)
                 assert table is not None
@@ -329,6 +339,97 @@ class RadixTable:
             journal.rollback(mem, self.allocator)
             raise
         return change
+
+    def _map_4k_bulk(self, dfn: int, mfn: int, count: int, bits: int, journal: Journal, change: Change) -> None:
+        """4 KiB leaves for ``count`` frames spanning several leaf tables, one level-2 table at a time.
+
+        Writes exactly what the per-table loop (and so the per-page path) writes, allocating the missing leaf
+        tables in the same order: the level-2 table by the ordinary descent, then its missing leaf tables in
+        ascending order in one allocator call; the leaves of new tables (all zero before) are written with
+        one numpy assignment where their storage is contiguous.  A region whose level-2 entries hold
+        superpages (to split) or malformed entries goes through the per-table loop instead.
+        """
+        end = dfn + count
+        g = dfn
+        while g < end:
+            region_end = min(end, ((g >> 18) + 1) << 18)
+            self._map_4k_region(g, mfn + (g - dfn), region_end - g, bits, journal, change)
+            g = region_end
+
+    def _map_4k_region(self, dfn: int, mfn: int, count: int, bits: int, journal: Journal, change: Change) -> None:
+        """The part of ``_map_4k_bulk`` under one level-2 table (at most 1 GiB)."""
+        mem = self.memory
+        fmt = self.fmt
+        t2 = self._descend(dfn, 2, journal, change)
+        assert t2 is not None
+        i0, i1 = (dfn >> 9) & 511, ((dfn + count - 1) >> 9) & 511
+        words2 = mem.words(t2)
+        ent = words2[i0 : i1 + 1]
+        present = fmt.present_array(ent)
+        has_any = bool(present.any())
+        if has_any and not bool((present <= fmt.table_array(ent, 2)).all()):
+            self._map_4k_per_table(dfn, mfn, count, bits, journal, change)
+            return
+        empties = np.flatnonzero(~present) if has_any else np.arange(len(ent))
+        new: list[int] = []
+        if len(empties):
+            try:
+                self.allocator.alloc_frames(self.owner, len(empties), new)
+            finally:
+                journal.allocated.extend(new)
+            journal.writes.append((t2, i0, ent.copy()))
+            ent[empties] = fmt.table_entry_array(np.asarray(new, dtype=np.uint64) << np.uint64(PAGE_SHIFT), 2)
+            change.tables_allocated += len(new)
+        off0 = dfn & 511
+        first_word = (mfn << PAGE_SHIFT) | bits
+        if len(new) == len(ent):
+            block = mem.frame_block(new)
+            if block is not None:
+                flat = block.reshape(-1)[off0 : off0 + count]
+                _fill_leaves(flat, first_word, bits)
+                change.flush |= 1 if first_word or count > 1 else 0
+                return
+        # general case: table by table (new tables are zero, existing ones are compared and journalled)
+        new_set = set(empties.tolist())
+        pos = 0
+        for j in range(len(ent)):
+            first = off0 if j == 0 else 0
+            run = min(512 - first, count - pos)
+            t = (int(ent[j]) & self._addr_mask) >> PAGE_SHIFT
+            words = mem.words(t)
+            vals = np.empty(run, dtype=np.uint64)
+            _fill_leaves(vals, first_word + (pos << PAGE_SHIFT), bits)
+            if j in new_set:
+                words[first : first + run] = vals
+                change.flush |= 1 if run > 1 or first_word + (pos << PAGE_SHIFT) else 0
+            else:
+                self._write_leaves(t, words, first, vals, journal, change)
+            pos += run
+
+    def _map_4k_per_table(self, dfn: int, mfn: int, count: int, bits: int, journal: Journal, change: Change) -> None:
+        pos = 0
+        while pos < count:
+            d = dfn + pos
+            table = self._descend(d, 1, journal, change)
+            assert table is not None
+            i = d & 511
+            run = min(512 - i, count - pos)
+            vals = np.empty(run, dtype=np.uint64)
+            _fill_leaves(vals, ((mfn + pos) << PAGE_SHIFT) | bits, bits)
+            self._write_leaves(table, self.memory.words(table), i, vals, journal, change)
+            pos += run
+
+    def _write_leaves(self, t: int, words: U64Array, i: int, new: U64Array, journal: Journal, change: Change) -> None:
+        """Level-1 leaves into an existing table: journalled, flags as the per-table loop sets them."""
+        run = len(new)
+        old = words[i : i + run].copy()
+        if np.array_equal(old, new):
+            return
+        journal.writes.append((t, i, old))
+        if self.fmt.present_array(old).any():
+            change.flush |= 2
+        change.flush |= 1
+        words[i : i + run] = new
 
     def unmap_range(self, dfn: int, count: int, *, reclaim: bool = False) -> Change:
         """Remove the translations of ``count`` frames from ``dfn``.
@@ -437,3 +538,30 @@ class RadixTable:
     def free_frames(self, frames: Iterable[int]) -> None:
         for f in frames:
             self.allocator.free(Mfn(f))
+
+
+def _level1_extent(dfn: int, mfn: int, left: int, levels_desc: list[int]) -> int:
+    """How many frames from ``dfn`` get 4 KiB leaves before a larger allowed leaf becomes usable."""
+    out = left
+    for lv in levels_desc:
+        if lv == 1:
+            continue
+        size = 1 << (9 * (lv - 1))
+        if (dfn - mfn) & (size - 1):
+            continue  # the two sides are never aligned together at this size
+        first = -dfn & (size - 1)
+        if left - first >= size:
+            out = min(out, first)
+    return out
+
+
+def _fill_leaves(out: U64Array, first_word: int, bits: int) -> None:
+    """``out[k] = first_word + k pages``: consecutive 4 KiB leaves (the non-address bits stay ``bits``)."""
+    n = len(out)
+    if first_word + (n << PAGE_SHIFT) < 1 << 63:
+        out[:] = np.arange(first_word, first_word + (n << PAGE_SHIFT), 1 << PAGE_SHIFT, dtype=np.uint64)
+    else:  # arange cannot start above 2**63 in uint64: build the addresses, then OR the bits in
+        addr0 = first_word & ~bits
+        out[:] = np.arange(n, dtype=np.uint64) << np.uint64(PAGE_SHIFT)
+        out += np.uint64(addr0)
+        out |= np.uint64(bits)
