@@ -60,6 +60,7 @@ class PageAllocator:
         self._high = pages.frames  # hypervisor pages come from below this mark
         self._xen_free: list[int] = []  # freed single hypervisor frames, reused LIFO
         self._domain_free: list[tuple[int, int]] = []  # freed domain extents (start, count)
+        self._domain_extents: dict[int, list[tuple[int, int]]] = {}  # extents each domid was given
         self._owner_of: dict[int, str] = {}
         self.in_use: Counter[str] = Counter()
         self.allocations = 0  # hypervisor allocations attempted, including injected failures
@@ -193,6 +194,8 @@ class PageAllocator:
                 self._low = s + count
             self.pages.set_owner(s, count, domid)
             self.pages.set_type(s, PageType.NONE, count)
+            if count:
+                self._domain_extents.setdefault(domid, []).append((s, count))
             return Mfn(s)
 
     def free_domain(self, mfn: Mfn, count: int) -> None:
@@ -204,3 +207,21 @@ class PageAllocator:
             for f in range(base, base + count):
                 self.memory.release(f)
             self._domain_free.append((base, count))
+            end = base + count
+            for domid, exts in list(self._domain_extents.items()):
+                kept = [(s, n) for s, n in exts if s + n <= base or s >= end]
+                for s, n in exts:
+                    if s + n > base and s < end:  # keep what lies outside the freed range
+                        kept.extend((a, b - a) for a, b in ((s, base), (end, s + n)) if max(a, s) < min(b, s + n))
+                if kept:
+                    self._domain_extents[domid] = kept
+                else:
+                    del self._domain_extents[domid]
+
+    def domain_extents(self, domid: int) -> list[tuple[int, int]]:
+        """The (first frame, count) runs ``alloc_domain`` gave ``domid`` and that were not freed, ascending.
+
+        A superset of the frames the domain owns as long as ownership changes go through this allocator;
+        callers that need certainty check ``pages.owner`` over these runs (cheap: no scan of all RAM).
+        """
+        return sorted(self._domain_extents.get(domid, []))
