@@ -237,3 +237,31 @@ def test_fill_leaves_above_bit_63_matches_the_plain_formula() -> None:
     out = np.empty(5, dtype=np.uint64)
     _fill_leaves(out, (0x1234 << 12) | bits, bits)
     assert [int(w) for w in out] == [((0x1234 + k) << 12) | bits for k in range(5)]
+
+
+# -- the software walk's fast table test agrees with the full decode --------------------------------------------------
+
+
+def _formats() -> list[object]:
+    from iommusim.pagetable.amd import AmdV1Format
+    from iommusim.pagetable.arm_s2 import ArmS2Format
+    from iommusim.pagetable.vtd import VtdSecondLevelFormat
+
+    return [ArmS2Format(), AmdV1Format(), VtdSecondLevelFormat(haw=46, superpage_levels=frozenset({2, 3}))]
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    raw=st.one_of(
+        st.integers(0, (1 << 64) - 1),
+        st.integers(0, (1 << 52) - 1).map(lambda r: r | 1),
+        st.integers(0, (1 << 52) - 1).map(lambda r: (r & ~0xE00) | 0x603),  # AMD PDE with NextLevel 3
+        st.integers(0, (1 << 48) - 1).map(lambda r: (r & ~0xFFF) | 0x7FF),  # ARM table descriptor and more
+    ),
+    level=st.integers(1, 4),
+)
+def test_is_table_is_the_tables_of_decode(raw: int, level: int) -> None:
+    from iommusim.pagetable.format import EntryKind
+
+    for fmt in _formats():
+        assert fmt.is_table(raw, level) == (fmt.decode(raw, level).kind == EntryKind.TABLE)  # type: ignore[attr-defined]

@@ -231,6 +231,11 @@ class AmdV1Format(PageTableFormat):
         base = raw & ADDR_MASK & ~((1 << shift) - 1)
         return Decoded(EntryKind.LEAF, raw, level, base, perms, page_shift=shift)
 
+    def is_table(self, raw: int, level: int) -> bool:
+        """The first case of ``decode`` (the common pointer) as a bit test, for the software walk."""
+        nl = (raw >> NEXT_LEVEL_SHIFT) & 7
+        return bool(raw & PR) and NL_LEAF < nl < NL_SIZED and nl < level and not raw & PDE_RESERVED
+
     # -- vectorised views -------------------------------------------------------------------------
 
     @staticmethod

@@ -345,6 +345,15 @@ class ArmS2Format(PageTableFormat):
         perms = Perm((raw >> 6) & 3)
         return Decoded(EntryKind.LEAF, raw, level, addr, perms, page_shift=level_shift(level))
 
+    def is_table(self, raw: int, level: int) -> bool:
+        """``decode`` gives TABLE: a valid table descriptor above level 1 with no high or RES0 bits set."""
+        return (
+            level > 1
+            and raw & (VALID | TABLE_BIT) == VALID | TABLE_BIT
+            and not raw & (OA_HIGH_MASK | TABLE_RES0)
+            and 1 <= level <= 4
+        )
+
     # -- vectorised views -------------------------------------------------------------------------------
 
     def table_entry_array(self, table_maddrs: U64Array, level: int) -> U64Array:

@@ -15,7 +15,6 @@ the caller to free after it.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -28,15 +27,37 @@ from iommusim.pagetable.format import Decoded, EntryKind, PageTableFormat, U64Ar
 __all__ = ["Change", "Journal", "RadixTable"]
 
 
-@dataclass
 class Change:
-    """What an edit did."""
+    """What an edit did.  Slotted, its lists made on first use: one is made per page on the hot path."""
 
-    flush: int = 0  # FlushFlags bits (kept as int on the hot path)
-    old: int = 0  # per-entry edits: the entry that was there before
-    freed_tables: list[int] = field(default_factory=list)  # frames to free once the flush is done
-    split: list[tuple[int, int]] = field(default_factory=list)  # (first dfn, level) of superpages split
-    tables_allocated: int = 0
+    __slots__ = ("_freed", "_split", "flush", "old", "tables_allocated")
+
+    def __init__(self, flush: int = 0, old: int = 0, tables_allocated: int = 0) -> None:
+        self.flush = flush  # FlushFlags bits (kept as int on the hot path)
+        self.old = old  # per-entry edits: the entry that was there before
+        self.tables_allocated = tables_allocated
+        self._freed: list[int] | None = None
+        self._split: list[tuple[int, int]] | None = None
+
+    @property
+    def freed_tables(self) -> list[int]:
+        """Table frames to free once the flush is done."""
+        if self._freed is None:
+            self._freed = []
+        return self._freed
+
+    @property
+    def split(self) -> list[tuple[int, int]]:
+        """(first dfn, level) of every superpage split."""
+        if self._split is None:
+            self._split = []
+        return self._split
+
+    def __repr__(self) -> str:
+        return (
+            f"Change(flush={self.flush}, old={self.old:#x}, freed_tables={self.freed_tables}, "
+            f"split={self.split}, tables_allocated={self.tables_allocated})"
+        )
 
 
 class Journal:
@@ -204,6 +225,23 @@ class RadixTable:
             change.tables_allocated += 1
         return new
 
+    def _find_leaf_table(self, dfn: int) -> int | None:
+        """The level-1 table for ``dfn`` if the walk down to it meets only table entries (single root)."""
+        table = self._root
+        assert table is not None
+        load = self.memory.load_word
+        is_table = self.fmt.is_table
+        mask = self._addr_mask
+        present = self._present
+        level = self.levels
+        while level > 1:
+            raw = load(table, (dfn >> (9 * level - 9)) & 511)
+            if not raw & present or not is_table(raw, level):  # is_table is only asked of present entries
+                return None
+            table = (raw & mask) >> PAGE_SHIFT
+            level -= 1
+        return table
+
     def table_for(self, dfn: int, level: int = 1) -> Mfn | None:
         """The existing table at ``level`` that covers ``dfn`` (no allocation)."""
         t = self._descend(dfn, level, None, None)
@@ -245,6 +283,21 @@ class RadixTable:
 
     def set_leaf(self, dfn: int, raw: int, level: int = 1) -> Change:
         """Write one leaf (``raw`` including its address) at ``level``; ADDED, plus MODIFIED if one was there."""
+        if level == 1 and self.root_pages == 1 and self._root is not None and 0 <= dfn < self.dfn_limit:
+            # the per-page hot path: every table is there already, so nothing to allocate or journal
+            table = self._find_leaf_table(dfn)
+            if table is not None:
+                mem = self.memory
+                i = dfn & 511
+                old = mem.load_word(table, i)
+                change = Change(old=old)
+                if old != raw:
+                    if old & self._present:
+                        change.flush = 3 if raw & self._present else 2
+                    elif raw & self._present:
+                        change.flush = 1
+                    mem.store_word(table, i, raw)
+                return change
         self.check_dfn(dfn, 1 << (9 * (level - 1)))
         journal = Journal()
         change = Change()
