@@ -19,11 +19,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from iommusim.bench.subjects import BENCH_CONFIG, bench_device
+from iommusim.frames import Mfn
 from iommusim.iommu import hwdom
 from iommusim.iommu.config import IommuConfig
 from iommusim.machine import DomainKind, Machine, PageType
 from iommusim.machine.pages import DOMID_XEN, E820Entry, E820Map, E820Type
-from iommusim.frames import Mfn
 from iommusim.perms import Perm
 from iommusim.platform import HardwareSpec, Platform, available_vendors, build_platform
 
