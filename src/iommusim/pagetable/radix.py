@@ -609,12 +609,26 @@ def _level1_extent(dfn: int, mfn: int, left: int, levels_desc: list[int]) -> int
 
 
 def _fill_leaves(out: U64Array, first_word: int, bits: int) -> None:
-    """``out[k] = first_word + k pages``: consecutive 4 KiB leaves (the non-address bits stay ``bits``)."""
-    n = len(out)
-    if first_word + (n << PAGE_SHIFT) < 1 << 63:
-        out[:] = np.arange(first_word, first_word + (n << PAGE_SHIFT), 1 << PAGE_SHIFT, dtype=np.uint64)
-    else:  # arange cannot start above 2**63 in uint64: build the addresses, then OR the bits in
-        addr0 = first_word & ~bits
-        out[:] = np.arange(n, dtype=np.uint64) << np.uint64(PAGE_SHIFT)
-        out += np.uint64(addr0)
-        out |= np.uint64(bits)
+    """``out[k] = first_word + k pages``: consecutive 4 KiB leaves (the non-address bits stay ``bits``).
+
+    Adding page offsets to the first leaf equals ORing the bits into each address, because the address
+    field never carries into the bits above it.  The offsets come from one cached ramp, so that no
+    temporary as large as the run is made (fresh pages cost more than the arithmetic).
+    """
+    if first_word & ((1 << PAGE_SHIFT) - 1) & ~bits:
+        raise InvalidArgument("a leaf's bits and its address overlap")
+    ramp = _page_ramp()
+    base = np.uint64(first_word)
+    for pos in range(0, len(out), len(ramp)):
+        chunk = out[pos : pos + len(ramp)]
+        np.add(ramp[: len(chunk)], base + np.uint64(pos << PAGE_SHIFT), out=chunk)
+
+
+_RAMP: list[U64Array] = []
+
+
+def _page_ramp() -> U64Array:
+    """0, 4096, 8192, ... for one level-2 table's worth of pages (2 MiB of words, made once)."""
+    if not _RAMP:
+        _RAMP.append(np.arange(1 << 18, dtype=np.uint64) << np.uint64(PAGE_SHIFT))
+    return _RAMP[0]
