@@ -40,6 +40,7 @@ __all__ = ["PageTableOps"]
 
 _DEFAULT_ADDRESS_WIDTH = 48  # Xen's DEFAULT_DOMAIN_ADDRESS_WIDTH: HVM frames stay below 2**48
 _MFN_FIELD = (1 << 40) - 1  # a leaf's address field holds frame numbers below 2**40
+_FLAGS = tuple(FlushFlags(i) for i in range(8))  # by value: building IntFlags per page is slow
 
 
 class PageTableOps(AmdDriverBase):
@@ -240,7 +241,7 @@ class PageTableOps(AmdDriverBase):
             self.flush_pages(d, dfn.value, 0)
         if merged or change.split:
             return FlushFlags(flags) | self._after_structure_change(d, st, merged, bool(change.split))
-        return FlushFlags(flags)
+        return _FLAGS[flags]
 
     def unmap_page(self, d: Domain, dfn: Dfn) -> FlushFlags:
         """Xen's amd_iommu_unmap_page: clear the 4 KiB entry and flush it."""
