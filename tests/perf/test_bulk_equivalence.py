@@ -299,3 +299,17 @@ def test_is_table_is_the_tables_of_decode(raw: int, level: int) -> None:
 
     for fmt in _formats():
         assert fmt.is_table(raw, level) == (fmt.decode(raw, level).kind == EntryKind.TABLE)  # type: ignore[attr-defined]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("vendor", X86)
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ops=ops_strategy, superpages=st.sampled_from([(), (21,), (21, 30)]))
+def test_bulk_range_ops_deep(vendor: str, ops: list[Op], superpages: tuple[int, ...]) -> None:
+    """The deep version: more sequences, every superpage setting, against the per-table loop."""
+    fast, slow = x86_rig(vendor, superpages), x86_rig(vendor, superpages)
+    with bulk_paths(True):
+        run_ops(fast, ops, fast=True)
+    with bulk_paths(False):
+        run_ops(slow, ops, fast=True)
+    assert_same(fast, slow)
