@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from iommusim.bench.subjects import BENCH_CONFIG, BENCH_DEVICE, bench_device
@@ -147,9 +147,13 @@ def assert_same(a: Rig, b: Rig) -> None:
     assert dma_view(a.platform, DFN0, WINDOW) == dma_view(b.platform, DFN0, WINDOW)
 
 
+WHOLE_TABLES: list[Op] = [("map", 0, WINDOW, 1, 3), ("unmap", 5, WINDOW - 5, 0, 0), ("map", 700, 800, 7, 1)]
+
+
 @pytest.mark.parametrize("vendor", X86)
 @SETTINGS
 @given(ops=ops_strategy)
+@example(ops=WHOLE_TABLES)  # whole leaf tables mapped, emptied by one unmap, then partly refilled
 def test_bulk_range_ops_equal_per_page_ops_without_superpages(vendor: str, ops: list[Op]) -> None:
     fast, slow = x86_rig(vendor, ()), x86_rig(vendor, ())
     run_ops(fast, ops, fast=True)

@@ -88,8 +88,9 @@ class Journal:
 class RadixTable:
     """A page-table tree in machine memory, edited through one ``PageTableFormat``."""
 
-    #: Whether ``map_range`` may write runs spanning many leaf tables in bulk.  Turning it off (per instance)
-    #: gives the plain per-table loop, the reference the bulk path is tested against.
+    #: Whether ``map_range`` may write runs spanning many leaf tables in bulk (and ``unmap_range`` clear whole
+    #: leaf tables together).  Turning it off gives the plain per-table loop, the reference the bulk paths
+    #: are tested against.
     bulk: bool = True
 
     def __init__(
@@ -528,6 +529,7 @@ class RadixTable:
                 words[first : last + 1] = 0
                 change.flush |= 2
             return
+        emptied: list[int] = []  # whole leaf tables to clear, done together after the loop (no allocation)
         for i in range(first, last + 1):
             raw = int(words[i])
             if not raw & self._present:
@@ -536,6 +538,9 @@ class RadixTable:
             e_hi = e_lo + (1 << span)
             full = lo <= e_lo and e_hi <= hi
             is_table = self.fmt.is_table(raw, level)
+            if full and is_table and level == 2 and not reclaim and self.bulk:
+                emptied.append((raw & self._addr_mask) >> PAGE_SHIFT)
+                continue
             if full and (not is_table or reclaim):
                 journal.writes.append((table, i, raw))
                 words[i] = 0
@@ -549,6 +554,25 @@ class RadixTable:
             else:
                 child = self._split(table, i, raw, level, e_lo, journal, change)
             self._unmap_in(child, level - 1, e_lo, max(lo, e_lo), min(hi, e_hi), journal, change, reclaim)
+        if emptied:
+            self._clear_leaf_tables(emptied, journal, change)
+
+    def _clear_leaf_tables(self, frames: list[int], journal: Journal, change: Change) -> None:
+        """Clear whole level-1 tables as the per-table path does (journal those with a present entry),
+        in one numpy pass where their storage is contiguous."""
+        mem = self.memory
+        block = mem.frame_block(frames)
+        old = block.copy() if block is not None else np.stack([mem.peek_words(f) for f in frames])
+        rows = self.fmt.present_array(old).any(axis=1)
+        if not rows.any():
+            return
+        for r in np.flatnonzero(rows).tolist():
+            journal.writes.append((frames[r], 0, old[r]))
+            if block is None:
+                mem.words(frames[r])[:] = 0
+        if block is not None:
+            block[rows] = 0
+        change.flush |= 2
 
     # -- whole-tree operations ---------------------------------------------------------------------------
 
