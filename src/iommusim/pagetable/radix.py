@@ -245,6 +245,10 @@ class RadixTable:
 
     def table_for(self, dfn: int, level: int = 1) -> Mfn | None:
         """The existing table at ``level`` that covers ``dfn`` (no allocation)."""
+        if level == 1 and self.root_pages == 1 and self._root is not None and 0 <= dfn < self.dfn_limit:
+            found = self._find_leaf_table(dfn)
+            if found is not None:
+                return Mfn(found)  # otherwise the full descent says why not (or raises on a malformed entry)
         t = self._descend(dfn, level, None, None)
         return None if t is None else Mfn(t)
 
