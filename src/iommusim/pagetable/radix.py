@@ -227,7 +227,7 @@ class RadixTable:
         return new
 
     def _find_leaf_table(self, dfn: int) -> int | None:
-        """The level-1 table for ``dfn`` if the walk down to it meets only table entries (single root)."""
+        """The level-1 table for ``dfn`` if the walk down to it meets only table entries (``dfn`` in reach)."""
         table = self._root
         assert table is not None
         load = self.memory.load_word
@@ -235,9 +235,16 @@ class RadixTable:
         mask = self._addr_mask
         present = self._present
         level = self.levels
+        if level > 1:  # the top level may span concatenated root frames
+            t, i = self._slot(table, level, dfn)
+            raw = load(t, i)
+            if not raw & present or not is_table(raw, level):  # is_table is only asked of present entries
+                return None
+            table = (raw & mask) >> PAGE_SHIFT
+            level -= 1
         while level > 1:
             raw = load(table, (dfn >> (9 * level - 9)) & 511)
-            if not raw & present or not is_table(raw, level):  # is_table is only asked of present entries
+            if not raw & present or not is_table(raw, level):
                 return None
             table = (raw & mask) >> PAGE_SHIFT
             level -= 1
@@ -245,7 +252,7 @@ class RadixTable:
 
     def table_for(self, dfn: int, level: int = 1) -> Mfn | None:
         """The existing table at ``level`` that covers ``dfn`` (no allocation)."""
-        if level == 1 and self.root_pages == 1 and self._root is not None and 0 <= dfn < self.dfn_limit:
+        if level == 1 and self.levels > 1 and self._root is not None and 0 <= dfn < self.dfn_limit:
             found = self._find_leaf_table(dfn)
             if found is not None:
                 return Mfn(found)  # otherwise the full descent says why not (or raises on a malformed entry)
@@ -288,7 +295,7 @@ class RadixTable:
 
     def set_leaf(self, dfn: int, raw: int, level: int = 1) -> Change:
         """Write one leaf (``raw`` including its address) at ``level``; ADDED, plus MODIFIED if one was there."""
-        if level == 1 and self.root_pages == 1 and self._root is not None and 0 <= dfn < self.dfn_limit:
+        if level == 1 and self.levels > 1 and self._root is not None and 0 <= dfn < self.dfn_limit:
             # the per-page hot path: every table is there already, so nothing to allocate or journal
             table = self._find_leaf_table(dfn)
             if table is not None:
