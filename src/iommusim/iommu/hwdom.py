@@ -8,8 +8,12 @@ Three of Xen's paths live here:
   and the strict/inclusive/reserved options; vendors call it from their own hwdom_init;
 * ``populate_page_table`` (x86): when a domain gets its first device, map all its pages.
 
-All three select pages with numpy over the page-ownership table and map them as runs through the vendor's
-bulk op where it has one, so that a multi-GiB hardware domain is set up in a fraction of a second.
+The two hardware-domain paths select by extents, not page by page: the strict map from the runs the
+allocator gave the domain (an untouched run is one read-write run; a disturbed one is selected per page
+within it), the identity map from the stretches between E820 boundaries with Xen's frames cut out.  The
+per-page selections are kept (``owned_runs_per_page``, ``_hwdom_frames``) as the references the tests hold
+the extent versions to.  Runs go to the vendor's bulk op where it has one, so that a multi-GiB hardware
+domain is set up in milliseconds.
 """
 
 from __future__ import annotations

@@ -10,6 +10,13 @@ way, every write is undone and every table allocated by the call is freed before
 Table frames that a change made unreachable (a table replaced by a superpage, a table reclaimed by unmap)
 are *not* freed here: the hardware may still walk them until the IOTLB flush, so they are handed back to
 the caller to free after it.
+
+Two speeds, one result.  ``set_leaf`` writes in place without a journal when every table down to the leaf
+exists (the per-page hot path).  ``map_range`` writes 4 KiB runs spanning many leaf tables a level-2 table
+at a time: the missing leaf tables are taken in one allocator call (same frames, same order, same failure
+points as one by one) and their leaves written with one numpy operation; ``unmap_range`` clears whole leaf
+tables together.  ``RadixTable.bulk = False`` turns both off: the per-table loop is the reference the
+equivalence tests compare them with, bit for bit.
 """
 
 from __future__ import annotations
