@@ -37,12 +37,13 @@ __all__ = ["Change", "Journal", "RadixTable"]
 class Change:
     """What an edit did.  Slotted, its lists made on first use: one is made per page on the hot path."""
 
-    __slots__ = ("_freed", "_split", "flush", "old", "tables_allocated")
+    __slots__ = ("_freed", "_split", "flush", "old", "table", "tables_allocated")
 
     def __init__(self, flush: int = 0, old: int = 0, tables_allocated: int = 0) -> None:
         self.flush = flush  # FlushFlags bits (kept as int on the hot path)
         self.old = old  # per-entry edits: the entry that was there before
         self.tables_allocated = tables_allocated
+        self.table: int | None = None  # per-entry edits: the frame of the table holding the entry
         self._freed: list[int] | None = None
         self._split: list[tuple[int, int]] | None = None
 
@@ -310,6 +311,7 @@ class RadixTable:
                 i = dfn & 511
                 old = mem.load_word(table, i)
                 change = Change(old=old)
+                change.table = table
                 if old != raw:
                     if old & self._present:
                         change.flush = 3 if raw & self._present else 2
@@ -329,6 +331,7 @@ class RadixTable:
         t, i = self._slot(table, level, dfn)
         old = self.memory.load_word(t, i)
         change.old = old
+        change.table = t
         if old == raw:
             return change
         if old & self._present:
