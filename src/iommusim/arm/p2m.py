@@ -343,9 +343,13 @@ class ArmP2m:
         return out
 
     def _insert(self, g: int, nr: int, m: int, perms: Perm, attrs: S2Attrs) -> FlushFlags:
-        levels = self._levels_for(g, nr)
+        single: int | None
+        if nr == 1:  # one 4 KiB page (the per-page path): the only piece is a level-1 entry
+            levels, single = [1], 1
+        else:
+            levels = self._levels_for(g, nr)
+            single = next((lv for lv in levels if nr == 1 << (9 * (lv - 1)) and not ((g | m) & (nr - 1))), None)
         bits = {lv: _leaf_bits(perms, lv, attrs) for lv in levels}
-        single = next((lv for lv in levels if nr == 1 << (9 * (lv - 1)) and not ((g | m) & (nr - 1))), None)
         if single is not None:
             raw = (m << PAGE_SHIFT) | bits[single]
             change = self.table.set_leaf(g, raw, single)
