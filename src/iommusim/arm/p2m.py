@@ -105,6 +105,27 @@ _BLOCK_LEVELS: dict[int, int] = {21: 2, 30: 3}
 
 
 def p2m_entry_for_type(t: P2mType) -> tuple[Perm, S2Attrs]:
+    """Xen's mfn_to_p2m_entry for a type (worked out once per type: it is on every page's path)."""
+    got = _ENTRY_FOR_TYPE.get(t)
+    if got is None:
+        got = _ENTRY_FOR_TYPE[t] = _p2m_entry_for_type(t)
+    return got
+
+
+_ENTRY_FOR_TYPE: dict[P2mType, tuple[Perm, S2Attrs]] = {}
+_FLAGS = tuple(FlushFlags(i) for i in range(8))  # by value: building IntFlags per page is slow
+_LEAF_BITS: dict[tuple[Perm, S2Attrs, int], int] = {}
+
+
+def _leaf_bits(perms: Perm, level: int, attrs: S2Attrs) -> int:
+    key = (perms, attrs, level)
+    bits = _LEAF_BITS.get(key)
+    if bits is None:
+        bits = _LEAF_BITS[key] = FORMAT.leaf_bits(perms, level, attrs)
+    return bits
+
+
+def _p2m_entry_for_type(t: P2mType) -> tuple[Perm, S2Attrs]:
     """Xen's mfn_to_p2m_entry for a type: read always, write/XN by type, memory type and shareability.
 
     Device MMIO is Device-nGnRE, cacheable MMIO Normal write-back and non-cacheable MMIO Normal
@@ -322,9 +343,13 @@ class ArmP2m:
         return out
 
     def _insert(self, g: int, nr: int, m: int, perms: Perm, attrs: S2Attrs) -> FlushFlags:
-        levels = self._levels_for(g, nr)
-        bits = {lv: FORMAT.leaf_bits(perms, lv, attrs) for lv in levels}
-        single = next((lv for lv in levels if nr == 1 << (9 * (lv - 1)) and not ((g | m) & (nr - 1))), None)
+        single: int | None
+        if nr == 1:  # one 4 KiB page (the per-page path): the only piece is a level-1 entry
+            levels, single = [1], 1
+        else:
+            levels = self._levels_for(g, nr)
+            single = next((lv for lv in levels if nr == 1 << (9 * (lv - 1)) and not ((g | m) & (nr - 1))), None)
+        bits = {lv: _leaf_bits(perms, lv, attrs) for lv in levels}
         if single is not None:
             raw = (m << PAGE_SHIFT) | bits[single]
             change = self.table.set_leaf(g, raw, single)
@@ -335,7 +360,7 @@ class ArmP2m:
         self._account(change)
         if old_valid:
             self._cpu_tlb_flush()  # break-before-make: flush before the new entry is written
-        flags = FlushFlags.ADDED | (FlushFlags.MODIFIED if old_valid else FlushFlags.NONE)
+        flags = _FLAGS[3 if old_valid else 1]
         self._after_change(g, nr, flags, change)
         return flags
 

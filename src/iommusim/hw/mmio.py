@@ -46,22 +46,30 @@ class RegisterBlock:
         self.size = size
         self._lock: AbstractContextManager[Any] = lock if lock is not None else nullcontext()
         self._regs: dict[int, Register] = {}
+        self._by_name: dict[str, Register] = {}  # hardware-side lookups happen on every queue kick
         self.accesses = 0
 
     def add(self, reg: Register) -> Register:
         if reg.offset % reg.size or reg.offset + reg.size > self.size:
             raise ValueError(f"{self.name}: register {reg.name} at {reg.offset:#x} is misplaced")
+        replaced = reg.offset in self._regs
         self._regs[reg.offset] = reg
+        if replaced:  # the first register of each name, in offset insertion order, as a search would find
+            self._by_name = {}
+            for r in self._regs.values():
+                self._by_name.setdefault(r.name, r)
+        else:
+            self._by_name.setdefault(reg.name, reg)
         return reg
 
     def reg(self, offset: int) -> Register:
         return self._regs[offset]
 
     def __getitem__(self, name: str) -> Register:
-        for r in self._regs.values():
-            if r.name == name:
-                return r
-        raise KeyError(name)
+        reg = self._by_name.get(name)
+        if reg is None:
+            raise KeyError(name)
+        return reg
 
     def _locate(self, offset: int, size: int) -> tuple[Register, int]:
         if size not in (4, 8) or offset % size:

@@ -12,6 +12,8 @@ import threading
 from collections import Counter
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from iommusim.errors import InvalidArgument, OutOfMemory
 from iommusim.frames import Mfn
 from iommusim.machine.memory import MachineMemory
@@ -58,6 +60,7 @@ class PageAllocator:
         self._high = pages.frames  # hypervisor pages come from below this mark
         self._xen_free: list[int] = []  # freed single hypervisor frames, reused LIFO
         self._domain_free: list[tuple[int, int]] = []  # freed domain extents (start, count)
+        self._domain_extents: dict[int, list[tuple[int, int]]] = {}  # extents each domid was given
         self._owner_of: dict[int, str] = {}
         self.in_use: Counter[str] = Counter()
         self.allocations = 0  # hypervisor allocations attempted, including injected failures
@@ -103,6 +106,38 @@ class PageAllocator:
             self.pages.set_owner(mfn, count, DOMID_XEN)
             self.in_use[owner] += count
             return Mfn(mfn)
+
+    def alloc_frames(self, owner: str, count: int, out: list[int]) -> None:
+        """``count`` single zeroed hypervisor frames, exactly as ``count`` calls of ``alloc(owner)`` would give.
+
+        Each frame is appended to ``out`` as it is taken, so that when an injected or real ENOMEM stops the
+        run part way the caller knows (and can undo) what it already holds.  Same frames, same order, same
+        counters and failure points as the one-by-one calls; only the bookkeeping is done in bulk.
+        """
+        if count <= 0:
+            return
+        start = len(out)
+        with self._lock:
+            try:
+                for _ in range(count):
+                    self.allocations += 1
+                    if self.failure is not None and self.failure.should_fail(owner):
+                        raise OutOfMemory(f"injected failure of allocation #{self.allocations} for {owner}")
+                    if self._xen_free:
+                        out.append(self._xen_free.pop())
+                        continue
+                    mfn = self._high - 1
+                    if mfn < self._low:
+                        raise OutOfMemory(f"no room for 1 hypervisor frame(s) for {owner}")
+                    self._high = mfn
+                    out.append(mfn)
+            finally:
+                got = out[start:]
+                if got:
+                    self._owner_of.update(dict.fromkeys(got, owner))
+                    self.memory.back_many(got)
+                    self.pages.owner[np.asarray(got, dtype=np.int64)] = DOMID_XEN
+                    self.in_use[owner] += len(got)
 
     def free(self, mfn: Mfn, count: int = 1) -> None:
         """Return hypervisor frames; their contents are scrubbed."""
@@ -159,6 +194,8 @@ class PageAllocator:
                 self._low = s + count
             self.pages.set_owner(s, count, domid)
             self.pages.set_type(s, PageType.NONE, count)
+            if count:
+                self._domain_extents.setdefault(domid, []).append((s, count))
             return Mfn(s)
 
     def free_domain(self, mfn: Mfn, count: int) -> None:
@@ -170,3 +207,21 @@ class PageAllocator:
             for f in range(base, base + count):
                 self.memory.release(f)
             self._domain_free.append((base, count))
+            end = base + count
+            for domid, exts in list(self._domain_extents.items()):
+                kept = [(s, n) for s, n in exts if s + n <= base or s >= end]
+                for s, n in exts:
+                    if s + n > base and s < end:  # keep what lies outside the freed range
+                        kept.extend((a, b - a) for a, b in ((s, base), (end, s + n)) if max(a, s) < min(b, s + n))
+                if kept:
+                    self._domain_extents[domid] = kept
+                else:
+                    del self._domain_extents[domid]
+
+    def domain_extents(self, domid: int) -> list[tuple[int, int]]:
+        """The (first frame, count) runs ``alloc_domain`` gave ``domid`` and that were not freed, ascending.
+
+        A superset of the frames the domain owns as long as ownership changes go through this allocator;
+        callers that need certainty check ``pages.owner`` over these runs (cheap: no scan of all RAM).
+        """
+        return sorted(self._domain_extents.get(domid, []))

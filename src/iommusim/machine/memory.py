@@ -98,6 +98,31 @@ class MachineMemory:
         self._free_slots.append(slot)
         self._index_cache = None
 
+    def back_many(self, mfns: list[int]) -> None:
+        """Back several frames at once (bulk table allocation); same slots as backing them one by one."""
+        back = self._back
+        for mfn in mfns:
+            back(mfn)
+
+    def frame_block(self, mfns: list[int]) -> U64Array | None:
+        """A writable (len, 512) view of backed frames whose storage slots are consecutive, else None.
+
+        Frames allocated one after the other get consecutive slots, so the bulk map writes the leaf tables
+        of a whole range with one numpy assignment instead of one per frame.
+        """
+        if not mfns:
+            return None
+        slot_of = self._slot_of
+        first = slot_of.get(mfns[0])
+        if first is None or (first & (_SEGMENT_FRAMES - 1)) + len(mfns) > _SEGMENT_FRAMES:
+            return None
+        for i, mfn in enumerate(mfns):
+            if slot_of.get(mfn) != first + i:
+                return None
+        seg = self._segments[first >> 16]
+        base = (first & (_SEGMENT_FRAMES - 1)) * WORDS_PER_FRAME
+        return seg[base : base + len(mfns) * WORDS_PER_FRAME].reshape(len(mfns), WORDS_PER_FRAME)
+
     @property
     def backed_frames(self) -> int:
         return len(self._slot_of)

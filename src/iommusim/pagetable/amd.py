@@ -231,6 +231,11 @@ class AmdV1Format(PageTableFormat):
         base = raw & ADDR_MASK & ~((1 << shift) - 1)
         return Decoded(EntryKind.LEAF, raw, level, base, perms, page_shift=shift)
 
+    def is_table(self, raw: int, level: int) -> bool:
+        """The first case of ``decode`` (the common pointer) as a bit test, for the software walk."""
+        nl = (raw >> NEXT_LEVEL_SHIFT) & 7
+        return bool(raw & PR) and NL_LEAF < nl < NL_SIZED and nl < level and not raw & PDE_RESERVED
+
     # -- vectorised views -------------------------------------------------------------------------
 
     @staticmethod
@@ -246,6 +251,11 @@ class AmdV1Format(PageTableFormat):
         nz = lowest_zero != 0
         ones[nz] = np.log2(lowest_zero[nz].astype(np.float64)).astype(np.int64)
         return np.minimum(ones, _ADDR_BITS) + 13
+
+    def table_entry_array(self, table_maddrs: U64Array, level: int) -> U64Array:
+        fixed = PR | ((level - 1) << NEXT_LEVEL_SHIFT) | IR | IW
+        out: U64Array = (table_maddrs & np.uint64(ADDR_MASK)) | np.uint64(fixed)
+        return out
 
     def table_array(self, words: U64Array, level: int) -> npt.NDArray[np.bool_]:
         words = np.asarray(words, dtype=np.uint64)

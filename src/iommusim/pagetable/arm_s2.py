@@ -345,7 +345,23 @@ class ArmS2Format(PageTableFormat):
         perms = Perm((raw >> 6) & 3)
         return Decoded(EntryKind.LEAF, raw, level, addr, perms, page_shift=level_shift(level))
 
+    def is_table(self, raw: int, level: int) -> bool:
+        """``decode`` gives TABLE: a valid table descriptor above level 1 with no high or RES0 bits set."""
+        return (
+            level > 1
+            and raw & (VALID | TABLE_BIT) == VALID | TABLE_BIT
+            and not raw & (OA_HIGH_MASK | TABLE_RES0)
+            and 1 <= level <= 4
+        )
+
     # -- vectorised views -------------------------------------------------------------------------------
+
+    def table_entry_array(self, table_maddrs: U64Array, level: int) -> U64Array:
+        fixed = self.table_entry(0, level)  # the address is ORed in: checks the level once
+        if (table_maddrs & _u64(~OA_MASK & ((1 << 64) - 1))).any():
+            raise InvalidArgument("a table address is not a 4 KiB-aligned 48-bit address")
+        out: U64Array = table_maddrs | _u64(fixed)
+        return out
 
     def table_array(self, words: U64Array, level: int) -> npt.NDArray[np.bool_]:
         """Usable table descriptors (a table descriptor with RES0 or out-of-range bits is malformed)."""

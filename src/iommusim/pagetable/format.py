@@ -106,6 +106,16 @@ class PageTableFormat(ABC):
             (self.decode(int(w), level).kind == EntryKind.TABLE for w in words), dtype=bool, count=len(words)
         )
 
+    def table_entry_array(self, table_maddrs: U64Array, level: int) -> U64Array:
+        """``table_entry`` for many table addresses at once (the bulk map hooks up new tables with it).
+
+        The default calls ``table_entry`` per address; formats whose table entry is the address ORed with
+        fixed bits override it with one numpy operation.
+        """
+        return np.fromiter(
+            (self.table_entry(int(a), level) for a in table_maddrs), dtype=np.uint64, count=len(table_maddrs)
+        )
+
     def address_array(self, words: U64Array) -> U64Array:
         out: U64Array = words & np.uint64(self.addr_mask)
         return out

@@ -10,12 +10,18 @@ way, every write is undone and every table allocated by the call is freed before
 Table frames that a change made unreachable (a table replaced by a superpage, a table reclaimed by unmap)
 are *not* freed here: the hardware may still walk them until the IOTLB flush, so they are handed back to
 the caller to free after it.
+
+Two speeds, one result.  ``set_leaf`` writes in place without a journal when every table down to the leaf
+exists (the per-page hot path).  ``map_range`` writes 4 KiB runs spanning many leaf tables a level-2 table
+at a time: the missing leaf tables are taken in one allocator call (same frames, same order, same failure
+points as one by one) and their leaves written with one numpy operation; ``unmap_range`` clears whole leaf
+tables together.  ``RadixTable.bulk = False`` turns both off: the per-table loop is the reference the
+equivalence tests compare them with, bit for bit.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -28,15 +34,38 @@ from iommusim.pagetable.format import Decoded, EntryKind, PageTableFormat, U64Ar
 __all__ = ["Change", "Journal", "RadixTable"]
 
 
-@dataclass
 class Change:
-    """What an edit did."""
+    """What an edit did.  Slotted, its lists made on first use: one is made per page on the hot path."""
 
-    flush: int = 0  # FlushFlags bits (kept as int on the hot path)
-    old: int = 0  # per-entry edits: the entry that was there before
-    freed_tables: list[int] = field(default_factory=list)  # frames to free once the flush is done
-    split: list[tuple[int, int]] = field(default_factory=list)  # (first dfn, level) of superpages split
-    tables_allocated: int = 0
+    __slots__ = ("_freed", "_split", "flush", "old", "table", "tables_allocated")
+
+    def __init__(self, flush: int = 0, old: int = 0, tables_allocated: int = 0) -> None:
+        self.flush = flush  # FlushFlags bits (kept as int on the hot path)
+        self.old = old  # per-entry edits: the entry that was there before
+        self.tables_allocated = tables_allocated
+        self.table: int | None = None  # per-entry edits: the frame of the table holding the entry
+        self._freed: list[int] | None = None
+        self._split: list[tuple[int, int]] | None = None
+
+    @property
+    def freed_tables(self) -> list[int]:
+        """Table frames to free once the flush is done."""
+        if self._freed is None:
+            self._freed = []
+        return self._freed
+
+    @property
+    def split(self) -> list[tuple[int, int]]:
+        """(first dfn, level) of every superpage split."""
+        if self._split is None:
+            self._split = []
+        return self._split
+
+    def __repr__(self) -> str:
+        return (
+            f"Change(flush={self.flush}, old={self.old:#x}, freed_tables={self.freed_tables}, "
+            f"split={self.split}, tables_allocated={self.tables_allocated})"
+        )
 
 
 class Journal:
@@ -66,6 +95,11 @@ class Journal:
 
 class RadixTable:
     """A page-table tree in machine memory, edited through one ``PageTableFormat``."""
+
+    #: Whether ``map_range`` may write runs spanning many leaf tables in bulk (and ``unmap_range`` clear whole
+    #: leaf tables together).  Turning it off gives the plain per-table loop, the reference the bulk paths
+    #: are tested against.
+    bulk: bool = True
 
     def __init__(
         self,
@@ -200,8 +234,36 @@ class RadixTable:
             change.tables_allocated += 1
         return new
 
+    def _find_leaf_table(self, dfn: int) -> int | None:
+        """The level-1 table for ``dfn`` if the walk down to it meets only table entries (``dfn`` in reach)."""
+        table = self._root
+        assert table is not None
+        load = self.memory.load_word
+        is_table = self.fmt.is_table
+        mask = self._addr_mask
+        present = self._present
+        level = self.levels
+        if level > 1:  # the top level may span concatenated root frames
+            t, i = self._slot(table, level, dfn)
+            raw = load(t, i)
+            if not raw & present or not is_table(raw, level):  # is_table is only asked of present entries
+                return None
+            table = (raw & mask) >> PAGE_SHIFT
+            level -= 1
+        while level > 1:
+            raw = load(table, (dfn >> (9 * level - 9)) & 511)
+            if not raw & present or not is_table(raw, level):
+                return None
+            table = (raw & mask) >> PAGE_SHIFT
+            level -= 1
+        return table
+
     def table_for(self, dfn: int, level: int = 1) -> Mfn | None:
         """The existing table at ``level`` that covers ``dfn`` (no allocation)."""
+        if level == 1 and self.levels > 1 and self._root is not None and 0 <= dfn < self.dfn_limit:
+            found = self._find_leaf_table(dfn)
+            if found is not None:
+                return Mfn(found)  # otherwise the full descent says why not (or raises on a malformed entry)
         t = self._descend(dfn, level, None, None)
         return None if t is None else Mfn(t)
 
@@ -241,6 +303,22 @@ class RadixTable:
 
     def set_leaf(self, dfn: int, raw: int, level: int = 1) -> Change:
         """Write one leaf (``raw`` including its address) at ``level``; ADDED, plus MODIFIED if one was there."""
+        if level == 1 and self.levels > 1 and self._root is not None and 0 <= dfn < self.dfn_limit:
+            # the per-page hot path: every table is there already, so nothing to allocate or journal
+            table = self._find_leaf_table(dfn)
+            if table is not None:
+                mem = self.memory
+                i = dfn & 511
+                old = mem.load_word(table, i)
+                change = Change(old=old)
+                change.table = table
+                if old != raw:
+                    if old & self._present:
+                        change.flush = 3 if raw & self._present else 2
+                    elif raw & self._present:
+                        change.flush = 1
+                    mem.store_word(table, i, raw)
+                return change
         self.check_dfn(dfn, 1 << (9 * (level - 1)))
         journal = Journal()
         change = Change()
@@ -253,6 +331,7 @@ class RadixTable:
         t, i = self._slot(table, level, dfn)
         old = self.memory.load_word(t, i)
         change.old = old
+        change.table = t
         if old == raw:
             return change
         if old & self._present:
@@ -300,6 +379,12 @@ class RadixTable:
                 level = next(
                     lv for lv in levels_desc if not ((d | m) & ((1 << (9 * (lv - 1))) - 1)) and left >> (9 * (lv - 1))
                 )
+                if level == 1 and self.levels > 2 and self.bulk:
+                    run4k = _level1_extent(d, m, left, levels_desc)
+                    if run4k > 512 - (d & 511):  # more than one leaf table: the bulk path
+                        self._map_4k_bulk(d, m, run4k, leaf_bits[1], journal, change)
+                        pos += run4k
+                        continue
                 span = 9 * (level - 1)
                 table = self._descend(d, level, journal, change)
                 assert table is not None
@@ -329,6 +414,97 @@ class RadixTable:
             journal.rollback(mem, self.allocator)
             raise
         return change
+
+    def _map_4k_bulk(self, dfn: int, mfn: int, count: int, bits: int, journal: Journal, change: Change) -> None:
+        """4 KiB leaves for ``count`` frames spanning several leaf tables, one level-2 table at a time.
+
+        Writes exactly what the per-table loop (and so the per-page path) writes, allocating the missing leaf
+        tables in the same order: the level-2 table by the ordinary descent, then its missing leaf tables in
+        ascending order in one allocator call; the leaves of new tables (all zero before) are written with
+        one numpy assignment where their storage is contiguous.  A region whose level-2 entries hold
+        superpages (to split) or malformed entries goes through the per-table loop instead.
+        """
+        end = dfn + count
+        g = dfn
+        while g < end:
+            region_end = min(end, ((g >> 18) + 1) << 18)
+            self._map_4k_region(g, mfn + (g - dfn), region_end - g, bits, journal, change)
+            g = region_end
+
+    def _map_4k_region(self, dfn: int, mfn: int, count: int, bits: int, journal: Journal, change: Change) -> None:
+        """The part of ``_map_4k_bulk`` under one level-2 table (at most 1 GiB)."""
+        mem = self.memory
+        fmt = self.fmt
+        t2 = self._descend(dfn, 2, journal, change)
+        assert t2 is not None
+        i0, i1 = (dfn >> 9) & 511, ((dfn + count - 1) >> 9) & 511
+        words2 = mem.words(t2)
+        ent = words2[i0 : i1 + 1]
+        present = fmt.present_array(ent)
+        has_any = bool(present.any())
+        if has_any and not bool((present <= fmt.table_array(ent, 2)).all()):
+            self._map_4k_per_table(dfn, mfn, count, bits, journal, change)
+            return
+        empties = np.flatnonzero(~present) if has_any else np.arange(len(ent))
+        new: list[int] = []
+        if len(empties):
+            try:
+                self.allocator.alloc_frames(self.owner, len(empties), new)
+            finally:
+                journal.allocated.extend(new)
+            journal.writes.append((t2, i0, ent.copy()))
+            ent[empties] = fmt.table_entry_array(np.asarray(new, dtype=np.uint64) << np.uint64(PAGE_SHIFT), 2)
+            change.tables_allocated += len(new)
+        off0 = dfn & 511
+        first_word = (mfn << PAGE_SHIFT) | bits
+        if len(new) == len(ent):
+            block = mem.frame_block(new)
+            if block is not None:
+                flat = block.reshape(-1)[off0 : off0 + count]
+                _fill_leaves(flat, first_word, bits)
+                change.flush |= 1 if first_word or count > 1 else 0
+                return
+        # general case: table by table (new tables are zero, existing ones are compared and journalled)
+        new_set = set(empties.tolist())
+        pos = 0
+        for j in range(len(ent)):
+            first = off0 if j == 0 else 0
+            run = min(512 - first, count - pos)
+            t = (int(ent[j]) & self._addr_mask) >> PAGE_SHIFT
+            words = mem.words(t)
+            vals = np.empty(run, dtype=np.uint64)
+            _fill_leaves(vals, first_word + (pos << PAGE_SHIFT), bits)
+            if j in new_set:
+                words[first : first + run] = vals
+                change.flush |= 1 if run > 1 or first_word + (pos << PAGE_SHIFT) else 0
+            else:
+                self._write_leaves(t, words, first, vals, journal, change)
+            pos += run
+
+    def _map_4k_per_table(self, dfn: int, mfn: int, count: int, bits: int, journal: Journal, change: Change) -> None:
+        pos = 0
+        while pos < count:
+            d = dfn + pos
+            table = self._descend(d, 1, journal, change)
+            assert table is not None
+            i = d & 511
+            run = min(512 - i, count - pos)
+            vals = np.empty(run, dtype=np.uint64)
+            _fill_leaves(vals, ((mfn + pos) << PAGE_SHIFT) | bits, bits)
+            self._write_leaves(table, self.memory.words(table), i, vals, journal, change)
+            pos += run
+
+    def _write_leaves(self, t: int, words: U64Array, i: int, new: U64Array, journal: Journal, change: Change) -> None:
+        """Level-1 leaves into an existing table: journalled, flags as the per-table loop sets them."""
+        run = len(new)
+        old = words[i : i + run].copy()
+        if np.array_equal(old, new):
+            return
+        journal.writes.append((t, i, old))
+        if self.fmt.present_array(old).any():
+            change.flush |= 2
+        change.flush |= 1
+        words[i : i + run] = new
 
     def unmap_range(self, dfn: int, count: int, *, reclaim: bool = False) -> Change:
         """Remove the translations of ``count`` frames from ``dfn``.
@@ -374,6 +550,7 @@ class RadixTable:
                 words[first : last + 1] = 0
                 change.flush |= 2
             return
+        emptied: list[int] = []  # whole leaf tables to clear, done together after the loop (no allocation)
         for i in range(first, last + 1):
             raw = int(words[i])
             if not raw & self._present:
@@ -382,6 +559,9 @@ class RadixTable:
             e_hi = e_lo + (1 << span)
             full = lo <= e_lo and e_hi <= hi
             is_table = self.fmt.is_table(raw, level)
+            if full and is_table and level == 2 and not reclaim and self.bulk:
+                emptied.append((raw & self._addr_mask) >> PAGE_SHIFT)
+                continue
             if full and (not is_table or reclaim):
                 journal.writes.append((table, i, raw))
                 words[i] = 0
@@ -395,6 +575,25 @@ class RadixTable:
             else:
                 child = self._split(table, i, raw, level, e_lo, journal, change)
             self._unmap_in(child, level - 1, e_lo, max(lo, e_lo), min(hi, e_hi), journal, change, reclaim)
+        if emptied:
+            self._clear_leaf_tables(emptied, journal, change)
+
+    def _clear_leaf_tables(self, frames: list[int], journal: Journal, change: Change) -> None:
+        """Clear whole level-1 tables as the per-table path does (journal those with a present entry),
+        in one numpy pass where their storage is contiguous."""
+        mem = self.memory
+        block = mem.frame_block(frames)
+        old = block.copy() if block is not None else np.stack([mem.peek_words(f) for f in frames])
+        rows = self.fmt.present_array(old).any(axis=1)
+        if not rows.any():
+            return
+        for r in np.flatnonzero(rows).tolist():
+            journal.writes.append((frames[r], 0, old[r]))
+            if block is None:
+                mem.words(frames[r])[:] = 0
+        if block is not None:
+            block[rows] = 0
+        change.flush |= 2
 
     # -- whole-tree operations ---------------------------------------------------------------------------
 
@@ -437,3 +636,44 @@ class RadixTable:
     def free_frames(self, frames: Iterable[int]) -> None:
         for f in frames:
             self.allocator.free(Mfn(f))
+
+
+def _level1_extent(dfn: int, mfn: int, left: int, levels_desc: list[int]) -> int:
+    """How many frames from ``dfn`` get 4 KiB leaves before a larger allowed leaf becomes usable."""
+    out = left
+    for lv in levels_desc:
+        if lv == 1:
+            continue
+        size = 1 << (9 * (lv - 1))
+        if (dfn - mfn) & (size - 1):
+            continue  # the two sides are never aligned together at this size
+        first = -dfn & (size - 1)
+        if left - first >= size:
+            out = min(out, first)
+    return out
+
+
+def _fill_leaves(out: U64Array, first_word: int, bits: int) -> None:
+    """``out[k] = first_word + k pages``: consecutive 4 KiB leaves (the non-address bits stay ``bits``).
+
+    Adding page offsets to the first leaf equals ORing the bits into each address, because the address
+    field never carries into the bits above it.  The offsets come from one cached ramp, so that no
+    temporary as large as the run is made (fresh pages cost more than the arithmetic).
+    """
+    if first_word & ((1 << PAGE_SHIFT) - 1) & ~bits:
+        raise InvalidArgument("a leaf's bits and its address overlap")
+    ramp = _page_ramp()
+    base = np.uint64(first_word)
+    for pos in range(0, len(out), len(ramp)):
+        chunk = out[pos : pos + len(ramp)]
+        np.add(ramp[: len(chunk)], base + np.uint64(pos << PAGE_SHIFT), out=chunk)
+
+
+_RAMP: list[U64Array] = []
+
+
+def _page_ramp() -> U64Array:
+    """0, 4096, 8192, ... for one level-2 table's worth of pages (2 MiB of words, made once)."""
+    if not _RAMP:
+        _RAMP.append(np.arange(1 << 18, dtype=np.uint64) << np.uint64(PAGE_SHIFT))
+    return _RAMP[0]

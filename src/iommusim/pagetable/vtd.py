@@ -142,6 +142,10 @@ class VtdSecondLevelFormat(PageTableFormat):
         out: npt.NDArray[np.bool_] = (words & np.uint64(_RW)) != 0
         return out
 
+    def table_entry_array(self, table_maddrs: U64Array, level: int) -> U64Array:
+        out: U64Array = (table_maddrs & np.uint64(_ADDR_FIELD)) | np.uint64(_RW)
+        return out
+
     def table_array(self, words: U64Array, level: int) -> npt.NDArray[np.bool_]:
         if level == 1:
             return np.zeros(words.shape, dtype=bool)

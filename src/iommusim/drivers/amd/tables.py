@@ -40,6 +40,7 @@ __all__ = ["PageTableOps"]
 
 _DEFAULT_ADDRESS_WIDTH = 48  # Xen's DEFAULT_DOMAIN_ADDRESS_WIDTH: HVM frames stay below 2**48
 _MFN_FIELD = (1 << 40) - 1  # a leaf's address field holds frame numbers below 2**40
+_FLAGS = tuple(FlushFlags(i) for i in range(8))  # by value: building IntFlags per page is slow
 
 
 class PageTableOps(AmdDriverBase):
@@ -139,18 +140,19 @@ class PageTableOps(AmdDriverBase):
             and self.iommu.config.superpages
         )
 
-    def _merge_up(self, st: AmdDomain, dfn: int) -> list[Mfn]:
+    def _merge_up(self, st: AmdDomain, dfn: int, l1_frame: int | None = None) -> list[Mfn]:
         """Replace every full, contiguous, uniform table above ``dfn`` by a leaf; the unhooked tables.
 
         Climbs from level 2: a table that can merge becomes a leaf, a leaf already there lets the climb go
-        on to the level above, anything else ends it.
+        on to the level above, anything else ends it.  ``l1_frame``, when the caller just wrote ``dfn``'s
+        level-1 entry, is that table (saving a walk on every map).
         """
         mem = self.iommu.machine.memory
         table = st.table
         freed: list[Mfn] = []
         if not self._allowed_merge_level(2, st):
             return freed
-        l1 = table.table_for(dfn, 1)
+        l1 = Mfn(l1_frame) if l1_frame is not None else table.table_for(dfn, 1)
         if l1 is not None and not (mem.load_word(l1.value, 511) & mem.load_word(l1.value, 0) & PR):
             return freed  # the usual case: a level-1 table that is not full yet
         level = 2
@@ -235,12 +237,12 @@ class PageTableOps(AmdDriverBase):
                 if address_changed:
                     self._seed_merge(d, st, dfn.value, mfn.value, perms)
             elif change.flush:
-                merged = self._merge_up(st, dfn.value)
+                merged = self._merge_up(st, dfn.value, change.table)
         if need_flush and self._implicit_flush_allowed() and not (d.is_pv and self._quirk("amd-pv-no-map-flush")):
             self.flush_pages(d, dfn.value, 0)
         if merged or change.split:
             return FlushFlags(flags) | self._after_structure_change(d, st, merged, bool(change.split))
-        return FlushFlags(flags)
+        return _FLAGS[flags]
 
     def unmap_page(self, d: Domain, dfn: Dfn) -> FlushFlags:
         """Xen's amd_iommu_unmap_page: clear the 4 KiB entry and flush it."""

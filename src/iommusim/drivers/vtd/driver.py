@@ -48,6 +48,7 @@ if TYPE_CHECKING:
 __all__ = ["DEFAULT_DOMAIN_WIDTH", "VtdDriver"]
 
 DEFAULT_DOMAIN_WIDTH = 48  # Xen's DEFAULT_DOMAIN_ADDRESS_WIDTH
+_FLAGS = tuple(FlushFlags(i) for i in range(8))  # by value: building IntFlags per call is slow
 
 _PROVIDED = frozenset(
     {
@@ -87,6 +88,7 @@ class VtdDriver:
         self.coherent = True
         self.fmt = VtdSecondLevelFormat(haw=dmar.haw, superpage_levels=frozenset())
         self.domain_agaw = width_to_agaw(domain_width)
+        self._leaf_cache: tuple[object, bool, dict[Perm, int]] = (None, False, {})
 
     # -- helpers --------------------------------------------------------------------------------------
 
@@ -144,7 +146,19 @@ class VtdDriver:
             )
 
     def _leaf(self, mfn: Mfn, perms: Perm, level: int = 1) -> int:
+        if level == 1:
+            return (mfn.value << PAGE_SHIFT) | self._leaf_bits1(perms)
         return (mfn.value << PAGE_SHIFT) | self.fmt.leaf_bits(perms, level, self.snoop if perms else None)
+
+    def _leaf_bits1(self, perms: Perm) -> int:
+        """4 KiB leaf bits per permission, worked out once per format (the per-page map's hot path)."""
+        cache = self._leaf_cache
+        if cache[0] is not self.fmt or cache[1] != self.snoop:
+            cache = self._leaf_cache = (self.fmt, self.snoop, {})
+        bits = cache[2].get(perms)
+        if bits is None:
+            bits = cache[2][perms] = self.fmt.leaf_bits(perms, 1, self.snoop if perms else None)
+        return bits
 
     # -- set-up ---------------------------------------------------------------------------------------
 
@@ -282,15 +296,14 @@ class VtdDriver:
         st = self.state(d)
         dfn = self._page_dfn(st, d, dfn)
         self._check_mfn(d, mfn)
-        new = self._leaf(mfn, perms)
+        new = (mfn.value << PAGE_SHIFT) | self._leaf_bits1(perms)
         with d.iommu.mapping_lock:
             change = st.table.set_leaf(dfn.value, new)
-        old_present = bool(change.old & 3)
-        if change.old == new:
+        old = change.old
+        if old == new:
             return FlushFlags.NONE
-        flags = (FlushFlags.ADDED if new & 3 else FlushFlags.NONE) | (
-            FlushFlags.MODIFIED if old_present else FlushFlags.NONE
-        )
+        old_present = bool(old & 3)
+        flags = _FLAGS[(1 if new & 3 else 0) | (2 if old_present else 0)]
         if not self.require_iommu().dont_flush_iotlb:
             self._flush(d, dfn, 1, old_present)
         return flags
@@ -301,10 +314,13 @@ class VtdDriver:
             return FlushFlags.NONE
         st = self.state(d)
         dfn = self._page_dfn(st, d, dfn)
+        table = st.table
         with d.iommu.mapping_lock:
-            if st.table.lookup(dfn.value) is None:
+            leaf = table.lookup(dfn.value)
+            if leaf is None:
                 return FlushFlags.NONE
-            change = st.table.clear_leaf(dfn.value)
+            # a 4 KiB leaf is cleared in place; a superpage around it is split by the range path
+            change = table.set_leaf(dfn.value, 0) if leaf.level == 1 else table.clear_leaf(dfn.value)
         if not change.flush:
             return FlushFlags.NONE
         if not self.require_iommu().dont_flush_iotlb:
