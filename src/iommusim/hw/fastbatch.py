@@ -160,6 +160,32 @@ class BatchUnit(Protocol):
         ...
 
 
+class LockedBatchUnit(BatchUnit, Protocol):
+    """A unit with the lock its ``translate`` and its register writes take (an ``RLock``)."""
+
+    lock: AbstractContextManager[object]
+
+
+class FastBatchMethods:
+    """``translate_batch`` and ``replay`` for a unit class that gives plans, each whole under the unit's lock.
+
+    Holding the lock for the whole batch means no invalidation lands between a walk and its IOTLB fill, as
+    for ``translate``.
+    """
+
+    def translate_batch(
+        self: LockedBatchUnit, source_id: int, daddrs: npt.ArrayLike, access: Perm, *, use_iotlb: bool = True
+    ) -> BatchResult:
+        """Translate every address in order, as that many ``translate`` calls would (faults recorded)."""
+        with self.lock:
+            return fast_translate_batch(self, source_id, daddrs, access, use_iotlb=use_iotlb)
+
+    def replay(self: LockedBatchUnit, source_id: int, daddrs: npt.ArrayLike, accesses: npt.ArrayLike) -> ReplayStats:
+        """Run a DMA trace through the IOTLB, with per-step hit, miss and eviction counts."""
+        with self.lock:
+            return fast_replay(self, source_id, daddrs, accesses)
+
+
 @dataclass
 class _Out:
     maddrs: U64Array

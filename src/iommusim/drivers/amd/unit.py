@@ -9,14 +9,12 @@ silently dropped as the seed-era Xen did.
 
 from __future__ import annotations
 
-import functools
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Concatenate, ParamSpec, TypeVar
 
 from iommusim.console import LogLevel
 from iommusim.drivers.amd.ivrs import Ivhd
+from iommusim.drivers.serialise import serialised
 from iommusim.errors import OutOfMemory, TimedOut
 from iommusim.frames import PAGE_SHIFT, Mfn
 from iommusim.hw.amd import regs
@@ -40,22 +38,6 @@ __all__ = ["CMD_ENTRIES_DEFAULT", "EVENT_ENTRIES_DEFAULT", "POLL_LIMIT", "Ring",
 CMD_ENTRIES_DEFAULT = 512  # Xen's IOMMU_CMD_BUFFER_DEFAULT_ENTRIES
 EVENT_ENTRIES_DEFAULT = 512  # Xen's IOMMU_EVENT_LOG_DEFAULT_ENTRIES
 POLL_LIMIT = 1000  # register or memory reads before giving up on the hardware
-
-
-_P = ParamSpec("_P")
-_R = TypeVar("_R")
-_U = TypeVar("_U", bound="UnitHandle")
-
-
-def _serialised(fn: Callable[Concatenate[_U, _P], _R]) -> Callable[Concatenate[_U, _P], _R]:
-    """Run the method under the unit's lock (Xen's iommu->lock): one CPU at a time uses the ring."""
-
-    @functools.wraps(fn)
-    def locked(self: _U, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
-        with self.lock:
-            return fn(self, *args, **kwargs)
-
-    return locked
 
 
 @dataclass
@@ -202,7 +184,7 @@ class UnitHandle:
 
     # -- the command buffer -------------------------------------------------------------------------------
 
-    @_serialised
+    @serialised
     def send(self, cmd: Command) -> bool:
         """Copy a command into the ring at the software tail and publish it; False if it was dropped."""
         ring = self.cmd
@@ -237,7 +219,7 @@ class UnitHandle:
         self._count("ring_full_timeouts")
         raise TimedOut(f"{self.name}: the command ring stayed full: the IOMMU is not consuming commands")
 
-    @_serialised
+    @serialised
     def completion_wait(self) -> bool:
         """Wait until every command queued so far has run (Xen's flush_command_buffer).
 
@@ -262,22 +244,22 @@ class UnitHandle:
 
     # -- invalidations (each followed by a completion wait, as Xen sends them) -------------------------------
 
-    @_serialised
+    @serialised
     def flush_device(self, device_id: int) -> None:
         self.send(InvalidateDevtabEntry(device_id))
         self.completion_wait()
 
-    @_serialised
+    @serialised
     def flush_intremap(self, device_id: int) -> None:
         self.send(InvalidateIntTable(device_id))
         self.completion_wait()
 
-    @_serialised
+    @serialised
     def flush_all_caches(self) -> None:
         self.send(InvalidateIommuAll())
         self.completion_wait()
 
-    @_serialised
+    @serialised
     def invalidate_pages(self, domain_id: int, daddr: int, order: int) -> None:
         """INVALIDATE_IOMMU_PAGES for 2**order pages (orders 0, 9, 18) or, with the sentinel, everything."""
         if order not in (0, 9, 18):
@@ -285,7 +267,7 @@ class UnitHandle:
         self.send(InvalidateIommuPages.for_order(domain_id, daddr, order))
         self.completion_wait()
 
-    @_serialised
+    @serialised
     def invalidate_iotlb(self, device_id: int, maxpend: int, daddr: int, order: int) -> None:
         """INVALIDATE_IOTLB_PAGES for a device with ATS; queue id = device id, PASID 0."""
         address, s = invalidation_address(daddr, order)

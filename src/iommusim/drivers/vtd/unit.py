@@ -9,13 +9,12 @@ run on the simulated clock and give up with ETIMEDOUT, as Xen's do.
 
 from __future__ import annotations
 
-import functools
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Concatenate, ParamSpec, TypeVar
+from typing import TYPE_CHECKING
 
 from iommusim.console import LogLevel
+from iommusim.drivers.serialise import serialised
 from iommusim.errors import BadAddress, NoDevice, OutOfMemory, TimedOut
 from iommusim.frames import PAGE_SHIFT, Mfn
 from iommusim.hw.vtd.regs import (
@@ -45,22 +44,6 @@ if TYPE_CHECKING:
     from iommusim.iommu.layer import Iommu
 
 __all__ = ["Granularity", "IommuUnit"]
-
-_P = ParamSpec("_P")
-_R = TypeVar("_R")
-_U = TypeVar("_U", bound="IommuUnit")
-
-
-def _serialised(fn: Callable[Concatenate[_U, _P], _R]) -> Callable[Concatenate[_U, _P], _R]:
-    """Run the method under the unit's lock (Xen's register_lock): one CPU at a time invalidates."""
-
-    @functools.wraps(fn)
-    def locked(self: _U, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
-        with self.lock:
-            return fn(self, *args, **kwargs)
-
-    return locked
-
 
 _POLL_STEP_NS = 20_000  # simulated time one poll of a status bit or slot takes
 _QI_TIMEOUT_MS = 1  # Xen's timeout for an ordinary invalidation wait
@@ -257,13 +240,13 @@ class IommuUnit:
         q.tail = nxt
         self.write64(Reg.IQT, q.tail << IQ_INDEX_SHIFT)
 
-    @_serialised
+    @serialised
     def qi_submit(self, lo: int, hi: int, *, timeout_ms: int = _QI_TIMEOUT_MS) -> None:
         """Queue one descriptor and a wait descriptor behind it, and poll the wait's status slot."""
         self._qi_put(lo, hi)
         self.qi_wait(timeout_ms)
 
-    @_serialised
+    @serialised
     def qi_wait(self, timeout_ms: int = _QI_TIMEOUT_MS) -> None:
         q = self.queue
         assert q is not None
@@ -283,7 +266,7 @@ class IommuUnit:
 
     # -- flushes (Xen's flush_context / flush_iotlb with both backends) ----------------------------------
 
-    @_serialised
+    @serialised
     def flush_context(self, did: int, sid: int, fm: int, gran: int, flush_non_present: bool) -> int:
         """Invalidate context-cache entries; 1 means "nothing cached, flush the write buffer instead"."""
         if flush_non_present:
@@ -298,7 +281,7 @@ class IommuUnit:
         self._poll("context invalidation", lambda: not self.read64(Reg.CCMD) & CCMD.ICC)
         return 0
 
-    @_serialised
+    @serialised
     def flush_iotlb(
         self,
         did: int,

@@ -22,8 +22,6 @@ from contextlib import AbstractContextManager
 from functools import partial
 from typing import NoReturn
 
-import numpy.typing as npt
-
 from iommusim.errors import BadAddress, DmaFault
 from iommusim.hw.amd import regs
 from iommusim.hw.amd.batch import AmdPlan, bypassing_caches, excluded
@@ -50,8 +48,7 @@ from iommusim.hw.amd.structs import (
 )
 from iommusim.hw.amd.walker import WalkFault, WalkHit, walk_v1
 from iommusim.hw.base import Translation
-from iommusim.hw.batch import BatchResult, ReplayStats
-from iommusim.hw.fastbatch import BatchPlan, IdentityPlan, fast_replay, fast_translate_batch
+from iommusim.hw.fastbatch import BatchPlan, FastBatchMethods, IdentityPlan
 from iommusim.hw.iotlb import Iotlb, IotlbEntry, LruCache
 from iommusim.hw.mmio import Register, RegisterBlock
 from iommusim.machine.memory import MachineMemory
@@ -111,7 +108,7 @@ class _Registers(RegisterBlock):
             self._after_write(offset & ~7)
 
 
-class AmdIommu:
+class AmdIommu(FastBatchMethods):
     """The silicon half of one AMD IOMMU (implements ``iommusim.hw.base.DmaRemapper``)."""
 
     def __init__(
@@ -481,21 +478,6 @@ class AmdIommu:
         return out
 
     # -- many translations at once (``iommusim.hw.batch.BatchTranslator``) ---------------------------------
-
-    def translate_batch(
-        self, source_id: int, daddrs: npt.ArrayLike, access: Perm, *, use_iotlb: bool = True
-    ) -> BatchResult:
-        """Translate every address in order, as that many ``translate`` calls would (faults recorded).
-
-        The unit's lock is held for the whole batch, so no invalidation lands between a walk and its fill.
-        """
-        with self.lock:
-            return fast_translate_batch(self, source_id, daddrs, access, use_iotlb=use_iotlb)
-
-    def replay(self, source_id: int, daddrs: npt.ArrayLike, accesses: npt.ArrayLike) -> ReplayStats:
-        """Run a DMA trace through the IOTLB, with per-step hit, miss and eviction counts (under the lock)."""
-        with self.lock:
-            return fast_replay(self, source_id, daddrs, accesses)
 
     def _bypassing_caches(self) -> AbstractContextManager[None]:
         return bypassing_caches(self)

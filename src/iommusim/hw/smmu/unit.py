@@ -38,13 +38,10 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import NoReturn
 
-import numpy.typing as npt
-
 from iommusim.errors import BadAddress, DmaFault, InvalidArgument
 from iommusim.frames import PAGE_SHIFT
 from iommusim.hw.base import Translation
-from iommusim.hw.batch import BatchResult, ReplayStats
-from iommusim.hw.fastbatch import BatchPlan, IdentityPlan, fast_replay, fast_translate_batch
+from iommusim.hw.fastbatch import BatchPlan, FastBatchMethods, IdentityPlan
 from iommusim.hw.iotlb import Iotlb, IotlbEntry
 from iommusim.hw.mmio import Register, RegisterBlock
 from iommusim.hw.smmu import regs
@@ -160,7 +157,7 @@ class SmmuMmio:
         block.write(off, value, size)
 
 
-class SmmuV2:
+class SmmuV2(FastBatchMethods):
     """One SMMUv2 instance in front of some devices' stream ids."""
 
     def __init__(self, memory: MachineMemory, config: SmmuConfig | None = None) -> None:
@@ -552,21 +549,6 @@ class SmmuV2:
         )
 
     # -- many translations at once (``iommusim.hw.batch.BatchTranslator``) ---------------------------------
-
-    def translate_batch(
-        self, source_id: int, daddrs: npt.ArrayLike, access: Perm, *, use_iotlb: bool = True
-    ) -> BatchResult:
-        """Translate every address in order, as that many ``translate`` calls would (faults recorded).
-
-        The unit's lock is held for the whole batch, so no invalidation lands between a walk and its fill.
-        """
-        with self.lock:
-            return fast_translate_batch(self, source_id, daddrs, access, use_iotlb=use_iotlb)
-
-    def replay(self, source_id: int, daddrs: npt.ArrayLike, accesses: npt.ArrayLike) -> ReplayStats:
-        """Run a DMA trace through the IOTLB, with per-step hit, miss and eviction counts (under the lock)."""
-        with self.lock:
-            return fast_replay(self, source_id, daddrs, accesses)
 
     def _bypassing_caches(self) -> AbstractContextManager[None]:
         return bypassing_caches(self)

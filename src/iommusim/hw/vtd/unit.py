@@ -20,13 +20,10 @@ from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from functools import partial
 
-import numpy.typing as npt
-
 from iommusim.errors import DmaFault
 from iommusim.frames import PAGE_SHIFT
 from iommusim.hw.base import Translation
-from iommusim.hw.batch import BatchResult, ReplayStats
-from iommusim.hw.fastbatch import BatchPlan, IdentityPlan, fast_replay, fast_translate_batch
+from iommusim.hw.fastbatch import BatchPlan, FastBatchMethods, IdentityPlan
 from iommusim.hw.iotlb import Iotlb, IotlbEntry
 from iommusim.hw.mmio import Register, RegisterBlock
 from iommusim.hw.vtd.batch import VtdPlan, bypassing_caches
@@ -112,7 +109,7 @@ class _Fault(Exception):
         self.fpd = fpd
 
 
-class VtdUnit:
+class VtdUnit(FastBatchMethods):
     """A DMA-remapping hardware unit in front of some PCI devices."""
 
     def __init__(
@@ -611,21 +608,6 @@ class VtdUnit:
         ]
 
     # -- many translations at once (``iommusim.hw.batch.BatchTranslator``) ---------------------------------
-
-    def translate_batch(
-        self, source_id: int, daddrs: npt.ArrayLike, access: Perm, *, use_iotlb: bool = True
-    ) -> BatchResult:
-        """Translate every address in order, as that many ``translate`` calls would (faults recorded).
-
-        The unit's lock is held for the whole batch, so no invalidation lands between a walk and its fill.
-        """
-        with self.lock:
-            return fast_translate_batch(self, source_id, daddrs, access, use_iotlb=use_iotlb)
-
-    def replay(self, source_id: int, daddrs: npt.ArrayLike, accesses: npt.ArrayLike) -> ReplayStats:
-        """Run a DMA trace through the IOTLB, with per-step hit, miss and eviction counts (under the lock)."""
-        with self.lock:
-            return fast_replay(self, source_id, daddrs, accesses)
 
     def _bypassing_caches(self) -> AbstractContextManager[None]:
         return bypassing_caches(self)
