@@ -1,0 +1,1 @@
+"""Cross-vendor verification: a reference model, state machines and sweeps."""
