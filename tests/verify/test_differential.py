@@ -25,6 +25,8 @@ from iommusim.platform import HardwareSpec, available_vendors, build_platform
 from iommusim.verify.differential import (
     ACCEL,
     NIC,
+    PVDEV,
+    SPARE,
     STEP_COUNTS,
     Differential,
     Divergence,
@@ -41,18 +43,18 @@ _QUIET = list(HealthCheck)
 
 def _settings(examples: int, steps: int, *, derandomize: bool = False, shrink: bool = True) -> settings:
     phases = [Phase.explicit, Phase.reuse, Phase.generate] + ([Phase.shrink] if shrink else [])
-    return settings(
+    chosen = settings(
         max_examples=examples,
         stateful_step_count=steps,
         deadline=None,
         derandomize=derandomize,
-        database=None if derandomize else settings.default.database,
         suppress_health_check=_QUIET,
         phases=phases,
     )
+    return settings(chosen, database=None) if derandomize else chosen
 
 
-def _needs(vendor: str) -> Any:
+def _needs(vendor: str) -> pytest.MarkDecorator:
     return pytest.mark.skipif(vendor not in VENDORS, reason=f"the {vendor} model is not installed")
 
 
@@ -116,6 +118,31 @@ def test_a_fixed_story_with_stale_windows_passes_on_every_vendor() -> None:
     replay(Differential(), story)
 
 
+@pytest.mark.skipif(not {"vtd", "amd"} & set(VENDORS), reason="PV guests exist on x86 only")
+def test_a_pv_guest_changed_through_the_generic_layer() -> None:
+    """map_page/unmap_page (alone and inside dont_flush) and the range form with and without its flush."""
+    story: Story = [
+        ("map", (3, 0x505, 0x7), {}),
+        ("dma_read", (PVDEV, 0x505), {}),
+        ("map", (3, 0x505, 0x9), {"mode": FlushMode.SKIP}),
+        ("dma_write", (PVDEV, 0x505, 3), {}),
+        ("flush", (3, 0x500, 0x10), {}),
+        ("map", (3, 0x600, 0x200), {"order": 9}),
+        ("dma_read", (PVDEV, 0x601), {}),
+        ("unmap", (3, 0x601), {"mode": FlushMode.DEFERRED}),
+        ("map_range", (3, 0x3F0, 300, 5), {"mode": FlushMode.SKIP}),
+        ("unmap_range", (3, 0x3F5, 100), {}),
+        ("retype", (3, 0x3F0), {}),
+        ("lookup", (3, 0x3F0), {}),
+        ("assign", (SPARE, 3), {}),
+        ("destroy", (3,), {}),
+        ("create", (3,), {}),
+    ]
+    diff = Differential([v for v in VENDORS if v in ("vtd", "amd")])
+    replay(diff, story)
+    assert all(lane.slots == {1, 2, 3} for lane in diff.lanes)
+
+
 def test_a_stale_window_is_seen_and_closed_by_its_flush() -> None:
     """The reference's allowance is used for real: the device keeps the page until the flush, then loses it."""
     diff = Differential()
@@ -161,6 +188,24 @@ def test_quirk_amd_remap_perm_no_flush_is_caught_by_a_fixed_story() -> None:
 def test_quirk_amd_remap_perm_no_flush_is_found_by_the_search() -> None:
     with pytest.raises(Divergence, match=r"\[amd\]"):
         _search(["amd"], ["amd-remap-perm-no-flush"])
+
+
+_PV_REMAP: Story = [
+    ("map", (3, 0x505, 0x7), {}),
+    ("dma_read", (PVDEV, 0x505), {}),
+    ("map", (3, 0x505, 0x9), {"mode": FlushMode.FLUSH}),
+]
+
+
+@_needs("amd")
+def test_amd_pv_remap_is_flushed() -> None:
+    replay(Differential(["amd"]), _PV_REMAP)
+
+
+@_needs("amd")
+def test_quirk_amd_pv_no_map_flush_is_caught() -> None:
+    with pytest.raises(Divergence, match=r"\[amd\].* read of dfn 0x505 gave Mfn"):
+        replay(Differential(["amd"], quirks=["amd-pv-no-map-flush"]), _PV_REMAP)
 
 
 @_needs("smmu")

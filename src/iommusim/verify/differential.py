@@ -26,7 +26,7 @@ from __future__ import annotations
 import random
 from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -37,8 +37,9 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from iommusim.errors import AlreadyExists, DmaFault, NoSuchEntry
 from iommusim.frames import PAGE_SHIFT, Daddr, Dfn, Gfn, Mfn
 from iommusim.iommu.config import IommuConfig
-from iommusim.machine.domain import Domain
+from iommusim.machine.domain import Domain, DomainKind
 from iommusim.machine.p2m import P2mType
+from iommusim.machine.pages import PageType
 from iommusim.machine.pci import PciDevice, Sbdf
 from iommusim.perms import Perm
 from iommusim.platform import HardwareSpec, Platform, available_vendors, build_platform
@@ -59,12 +60,15 @@ __all__ = [
     "differential_machine",
 ]
 
-NIC, DISK, ACCEL, SPARE = "0000:03:00.0", "0000:04:00.0", "0000:05:00.0", "0000:06:00.0"
+NIC, DISK, ACCEL, SPARE, PVDEV = "0000:03:00.0", "0000:04:00.0", "0000:05:00.0", "0000:06:00.0", "0000:07:00.0"
 #: Every device on the bus; ACCEL has ATS (a device TLB of its own where the vendor models one).
-DEVICES = (NIC, DISK, ACCEL, SPARE)
-#: The guests (by domain id) and the device each keeps for life.
-SLOTS = (1, 2)
-ANCHORS = {1: NIC, 2: DISK}
+DEVICES = (NIC, DISK, ACCEL, SPARE, PVDEV)
+#: The guests (by domain id) and the device each keeps for life.  Guests 1 and 2 are translated (HVM, and
+#: every ARM guest): their DMA view follows their p2m.  Guest 3 is PV, on x86 only: the story changes its
+#: DMA view through the generic layer's map/unmap (single pages and the range form), as PV Xen does.
+SLOTS = (1, 2, 3)
+PV_SLOTS = frozenset({3})
+ANCHORS = {1: NIC, 2: DISK, 3: PVDEV}
 #: Devices that the story moves between the hardware domain and the guests.
 ROAMING = (ACCEL, SPARE)
 GUEST_PAGES = 1024  # 4 MiB per guest, in one 2 MiB-aligned extent
@@ -74,6 +78,7 @@ _STAMP = 0x5EED_F00D_0000_0000  # the first 8 bytes of a guest page say which fr
 _FAULT_SPACING_NS = 20_000_000  # probes this far apart never add up to the fault threshold
 _RECENT = 16  # Dfns remembered for probing after the step that touched them
 _SAMPLED = 4  # more Dfns probed each step, drawn from the whole space
+_HWDOM_PROBES = 4  # Dfns probed each step for devices the hardware domain holds
 _HISTORY = 16
 #: Vendors whose generic deassign (Xen's PCI path, reassign to the hardware domain) attaches the device to
 #: the hardware domain's context, after which attaching it elsewhere is EEXIST (the SMMU driver's rule).
@@ -106,6 +111,10 @@ class Lane:
     #: devices deassigned on a vendor whose deassign attaches them to the hardware domain's context for good
     stuck: set[str] = field(default_factory=set)
     probes: int = 0
+    #: the guests this machine has (PV guests exist on x86 only)
+    slots: frozenset[int] = frozenset(SLOTS)
+    #: operations that did something on this machine (a step may not apply to every machine)
+    applied: int = 0
 
     def forget_hwdom_view(self, device: str) -> None:
         """The device is back with the hardware domain: learn its view there afresh."""
@@ -165,16 +174,21 @@ class Differential:
         p = build_platform(spec, config=self.config, devices=devs)
         p.create_hardware_domain(HWDOM_BYTES)
         lane = Lane(vendor, p, ReferenceModel(), {n: p.device(n) for n in DEVICES})
+        if p.hwdom_kind is not DomainKind.PV:
+            lane.slots = frozenset(SLOTS) - PV_SLOTS
         for n in DEVICES:
             lane.ref.add_device(n)
-        for slot in SLOTS:
+        for slot in sorted(lane.slots):
             self._create_on(lane, slot)
         return lane
 
     def _create_on(self, lane: Lane, slot: int) -> None:
         p = lane.platform
-        d = p.create_guest(slot, 0)
+        pv = slot in PV_SLOTS
+        d = p.create_guest(slot, 0, kind=DomainKind.PV if pv else DomainKind.HVM)
         ext = p.machine.populate(d, GUEST_PAGES, align_order=9)
+        if pv:  # ordinary data pages, which devices may write (and which Xen maps when the first device comes)
+            p.machine.pages.set_type(ext.mfn.value, PageType.WRITABLE, count=ext.count)
         view = {}
         for i in range(ext.count):
             mfn = ext.mfn + i
@@ -201,6 +215,13 @@ class Differential:
         for x in sorted(picks):
             if 0 <= x < GFN_SPACE and x not in self.recent:
                 self.recent.append(x)
+
+    def _lanes(self, slot: int | None = None) -> Iterator[Lane]:
+        """The machines an operation applies to (those that have the guest), counting it for each."""
+        for lane in self.lanes:
+            if slot is None or slot in lane.slots:
+                lane.applied += 1
+                yield lane
 
     def _usable(self, slot: int) -> bool:
         return slot in self.alive and slot not in self.crashed
@@ -233,16 +254,36 @@ class Differential:
             yield mode is FlushMode.FLUSH
 
     def _set(self, lane: Lane, slot: int, gfn: int, mfn: Mfn, order: int, perms: Perm, flushed: bool) -> None:
-        """One p2m change (one call of the generic layer underneath) and its meaning in the reference."""
+        """One change (one call of the generic layer) and its meaning in the reference.
+
+        A translated guest changes its p2m; a PV guest calls the layer: ``map_page`` for one page (its
+        driver flushes unless inside ``dont_flush``), the range form ``map(..., flush=)`` for a block.
+        """
         d = self._domain(lane, slot)
-        kind = P2mType.RAM_RW if perms & Perm.W else P2mType.RAM_RO
-        lane.platform.guest_map(d, Gfn(gfn), mfn, order=order, type=kind, flush=flushed)
+        p = lane.platform
+        if slot in PV_SLOTS:
+            if order:
+                p.iommu.map(d, Dfn(gfn), mfn, 1 << order, perms, flush=flushed)
+            else:
+                with nullcontext() if flushed else p.iommu.dont_flush():
+                    p.iommu.map_page(d, Dfn(gfn), mfn, perms)
+        else:
+            kind = P2mType.RAM_RW if perms & Perm.W else P2mType.RAM_RO
+            p.guest_map(d, Gfn(gfn), mfn, order=order, type=kind, flush=flushed)
         new = [RefEntry(mfn + i, perms) for i in range(1 << order)]
         lane.ref.update(slot, Dfn(gfn), list(new), flushed=flushed)
 
     def _clear(self, lane: Lane, slot: int, gfn: int, order: int, flushed: bool) -> None:
         d = self._domain(lane, slot)
-        lane.platform.guest_unmap(d, Gfn(gfn), order=order, flush=flushed)
+        p = lane.platform
+        if slot in PV_SLOTS:
+            if order:
+                p.iommu.unmap(d, Dfn(gfn), 1 << order, flush=flushed)
+            else:
+                with nullcontext() if flushed else p.iommu.dont_flush():
+                    p.iommu.unmap_page(d, Dfn(gfn))
+        else:
+            p.guest_unmap(d, Gfn(gfn), order=order, flush=flushed)
         lane.ref.update(slot, Dfn(gfn), [None] * (1 << order), flushed=flushed)
 
     def map(
@@ -264,7 +305,7 @@ class Differential:
         if not self._usable(slot):
             return
         perms = Perm.RW if writable else Perm.R
-        for lane in self.lanes:
+        for lane in self._lanes(slot):
             with self._batch(lane, mode, slot, gfn, n) as flushed:
                 self._set(lane, slot, gfn, self._frame(self._domain(lane, slot), page), order, perms, flushed)
         self._touch(gfn, n)
@@ -275,7 +316,7 @@ class Differential:
         self._step(f"unmap d{slot} gfn {gfn:#x} order {order} {mode.value}")
         if not self._usable(slot):
             return
-        for lane in self.lanes:
+        for lane in self._lanes(slot):
             with self._batch(lane, mode, slot, gfn, n) as flushed:
                 self._clear(lane, slot, gfn, order, flushed)
         self._touch(gfn, n)
@@ -291,7 +332,7 @@ class Differential:
         if not self._usable(slot):
             return
         perms = Perm.RW if writable else Perm.R
-        for lane in self.lanes:
+        for lane in self._lanes(slot):
             base = self._frame(self._domain(lane, slot), page)
             with self._batch(lane, mode, slot, gfn, count) as flushed:
                 for g, m, order in _chunks(gfn, base.value, count):
@@ -303,7 +344,7 @@ class Differential:
         self._step(f"unmap_range d{slot} gfn {gfn:#x} x{count} {mode.value}")
         if not self._usable(slot):
             return
-        for lane in self.lanes:
+        for lane in self._lanes(slot):
             with self._batch(lane, mode, slot, gfn, count) as flushed:
                 for g, _m, order in _chunks(gfn, gfn, count):
                     self._clear(lane, slot, g, order, flushed)
@@ -314,7 +355,7 @@ class Differential:
         self._step(f"retype d{slot} gfn {gfn:#x} {mode.value}")
         if not self._usable(slot):
             return
-        for lane in self.lanes:
+        for lane in self._lanes(slot):
             entry = lane.ref.lookup(slot, Dfn(gfn))
             if entry is None:
                 continue
@@ -329,7 +370,7 @@ class Differential:
         self._step(f"iotlb_flush d{slot} gfn {gfn:#x} x{count}")
         if slot not in self.alive:
             return
-        for lane in self.lanes:
+        for lane in self._lanes(slot):
             lane.platform.iommu.iotlb_flush(self._domain(lane, slot), Dfn(gfn), count)
             lane.ref.flush(slot, Dfn(gfn), count)
         self._touch(gfn, count)
@@ -338,7 +379,7 @@ class Differential:
         self._step(f"iotlb_flush_all d{slot}")
         if slot not in self.alive:
             return
-        for lane in self.lanes:
+        for lane in self._lanes(slot):
             lane.platform.iommu.iotlb_flush_all(self._domain(lane, slot))
             lane.ref.flush_all(slot)
 
@@ -347,7 +388,7 @@ class Differential:
         self._step(f"lookup_page d{slot} gfn {gfn:#x}")
         if slot not in self.alive:
             return
-        for lane in self.lanes:
+        for lane in self._lanes(slot):
             p = lane.platform
             if not p.iommu.has_op("lookup_page"):
                 continue
@@ -368,7 +409,7 @@ class Differential:
         self._step(f"assign {device} to d{slot}")
         if device not in ROAMING or not self._usable(slot):
             return
-        for lane in self.lanes:
+        for lane in self._lanes(slot):
             if lane.ref.owner[device] is None:
                 self._assign_on(lane, device, slot)
 
@@ -397,7 +438,7 @@ class Differential:
         self._step(f"deassign {device}")
         if device not in ROAMING:
             return
-        for lane in self.lanes:
+        for lane in self._lanes():
             if lane.ref.owner[device] is not None:
                 self._deassign_on(lane, device)
 
@@ -406,7 +447,7 @@ class Differential:
         self._step(f"move {device} to d{slot}")
         if device not in ROAMING or not self._usable(slot):
             return
-        for lane in self.lanes:
+        for lane in self._lanes(slot):
             old = lane.ref.owner[device]
             if old is None or old == slot:
                 continue
@@ -417,7 +458,7 @@ class Differential:
         self._step(f"crash d{slot}")
         if not self._usable(slot):
             return
-        for lane in self.lanes:
+        for lane in self._lanes(slot):
             self._domain(lane, slot).crash("differential state machine")
             lane.ref.crash(slot)
         self.crashed.add(slot)
@@ -426,7 +467,7 @@ class Differential:
         self._step(f"destroy d{slot}")
         if slot not in self.alive:
             return
-        for lane in self.lanes:
+        for lane in self._lanes(slot):
             returned = lane.ref.devices_of(slot)
             lane.platform.destroy(self._domain(lane, slot))
             lane.ref.destroy(slot)
@@ -440,7 +481,7 @@ class Differential:
         self._step(f"create d{slot}")
         if slot in self.alive:
             return
-        for lane in self.lanes:
+        for lane in self._lanes(slot):
             self._create_on(lane, slot)
         self.alive.add(slot)
 
@@ -449,7 +490,7 @@ class Differential:
     def dma_read(self, device: str, gfn: int) -> None:
         """A real read of the page's first bytes: a guest page's stamp names the frame it came from."""
         self._step(f"dma read {device} gfn {gfn:#x}")
-        for lane in self.lanes:
+        for lane in self._lanes():
             p = lane.platform
             p.machine.clock.advance(_FAULT_SPACING_NS)
             owner = lane.ref.owner[device]
@@ -473,7 +514,7 @@ class Differential:
         offset = 8 + (offset % 510) * 8
         self._tag += 1
         tag = (0xD1A0_0000_0000_0000 | self._tag).to_bytes(8, "little")
-        for lane in self.lanes:
+        for lane in self._lanes():
             p = lane.platform
             p.machine.clock.advance(_FAULT_SPACING_NS)
             slot = lane.ref.owner[device]
@@ -530,9 +571,11 @@ class Differential:
     def verify(self) -> None:
         """Every device's view of the probed Dfns is allowed by the reference; the isolation check passes."""
         dfns = self.probe_dfns()
+        # the hardware domain's devices only need watching for a change: the newest Dfns are enough
+        few = sorted(set(list(self.recent)[-_HWDOM_PROBES:]) | set(dfns[:1]))
         for lane in self.lanes:
             for device in DEVICES:
-                for dfn in dfns:
+                for dfn in dfns if lane.ref.owner[device] is not None else few:
                     for access in (Perm.R, Perm.W):
                         self._expect(lane, device, dfn, access, self._probe(lane, device, dfn, access), "probe")
             if self.check_isolation:
