@@ -27,7 +27,7 @@ import random
 from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Any
 
@@ -146,11 +146,19 @@ class Differential:
         quirks: Sequence[str] = (),
         ram_bytes: int = 64 << 20,
         iotlb_entries: int = 64,
+        units: int = 1,
+        caching_mode: bool = False,
+        queued_invalidation: bool = True,
         check_isolation: bool = True,
         hwdom_strict: bool = True,
     ) -> None:
-        """``hwdom_strict`` keeps the hardware domain's map to its own pages: relaxed and inclusive x86 map every
-        frame below 4 GiB, a million pages one by one under a quirk that takes the bulk ops away."""
+        """Machines of ``ram_bytes`` with ``units`` IOMMUs (devices spread over them by each vendor's rule).
+
+        ``caching_mode`` is VT-d's (the unit caches "not present" too, so additions need flushing); the other
+        vendors ignore it.  ``hwdom_strict`` keeps the hardware domain's map to its own pages: relaxed and
+        inclusive x86 map every frame below 4 GiB, a million pages one by one under a quirk that takes the
+        bulk ops away.
+        """
         chosen = list(vendors) if vendors is not None else available_vendors()
         if not chosen:
             raise ValueError("no vendor to run on")
@@ -164,16 +172,24 @@ class Differential:
         self.alive = set(SLOTS)
         self.crashed: set[int] = set()
         self._tag = 0
-        self.lanes = [self._boot(v, ram_bytes, iotlb_entries) for v in chosen]
+        self.spec = HardwareSpec(
+            vendor="",
+            ram_bytes=ram_bytes,
+            iotlb_entries=iotlb_entries,
+            units=units,
+            caching_mode=caching_mode,
+            queued_invalidation=queued_invalidation,
+        )
+        self.lanes = [self._boot(v) for v in chosen]
 
     # -- set-up ----------------------------------------------------------------------------------------
 
-    def _boot(self, vendor: str, ram_bytes: int, iotlb_entries: int) -> Lane:
+    def _boot(self, vendor: str) -> Lane:
         devs = [PciDevice(Sbdf.parse(n), ats=n == ACCEL) for n in DEVICES]
-        spec = HardwareSpec(vendor=vendor, ram_bytes=ram_bytes, iotlb_entries=iotlb_entries)
-        p = build_platform(spec, config=self.config, devices=devs)
+        p = build_platform(replace(self.spec, vendor=vendor), config=self.config, devices=devs)
         p.create_hardware_domain(HWDOM_BYTES)
-        lane = Lane(vendor, p, ReferenceModel(), {n: p.device(n) for n in DEVICES})
+        negative = vendor == "vtd" and self.spec.caching_mode
+        lane = Lane(vendor, p, ReferenceModel(negative_caching=negative), {n: p.device(n) for n in DEVICES})
         if p.hwdom_kind is not DomainKind.PV:
             lane.slots = frozenset(SLOTS) - PV_SLOTS
         for n in DEVICES:

@@ -11,7 +11,13 @@ Rules it encodes, which are the contract of the generic layer:
 * a change made with its flush (``flushed=True``) that modified a present translation flushes its whole
   range, closing the windows there: the layer flushes ``[dfn, dfn + count)`` once per call;
 * a change that only adds a translation needs no flush (nothing caches "not present"), so it never
-  opens a window, and a flushed call that only adds closes none (no flush is sent);
+  opens a window, and a flushed call that only adds closes none (no flush is sent); with
+  ``negative_caching`` (VT-d caching mode: the unit caches "not present" too) an addition is a change
+  like any other;
+* a block (one call for many Dfns, such as a 2 MiB map) may replace a whole table by a leaf: until its
+  flush the unit's paging-structure caches may still lead a walk into the old table, so with the flush
+  skipped the Dfns it adds may still fault (found by the differential machine on VT-d: a 2 MiB map
+  over a split block, flush skipped, left the PDE cache pointing at the old leaf table);
 * an explicit flush closes the windows it covers; a flush of everything closes all of the domain's.
 """
 
@@ -41,15 +47,17 @@ class RefEntry:
 class RefDomain:
     domid: int
     view: dict[Dfn, RefEntry] = field(default_factory=dict)
-    #: Dfn -> translations it had since its flush was skipped (the hardware may still use them).
-    stale: dict[Dfn, set[RefEntry]] = field(default_factory=dict)
+    #: Dfn -> translations it had since its flush was skipped (the hardware may still use them; None: a
+    #: cached "not present", with negative caching only).
+    stale: dict[Dfn, set[RefEntry | None]] = field(default_factory=dict)
     crashed: bool = False
 
 
 class ReferenceModel:
     """Domains, their DMA views and stale windows, and who owns each device."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, negative_caching: bool = False) -> None:
+        self.negative_caching = negative_caching
         self.domains: dict[int, RefDomain] = {}
         #: device name -> domid of its owner; None is the hardware domain
         self.owner: dict[str, int | None] = {}
@@ -111,10 +119,12 @@ class ReferenceModel:
                 del d.view[dfn]
             else:
                 d.view[dfn] = entry
-            if old is not None:
+            if old is not None or self.negative_caching:
                 modified += 1
                 if not flushed:
                     d.stale.setdefault(dfn, set()).add(old)
+            elif not flushed and len(new) > 1:
+                d.stale.setdefault(dfn, set()).add(None)
         if flushed and modified:
             self.flush(domid, first, len(new))
         return modified
@@ -144,9 +154,7 @@ class ReferenceModel:
     def allowed(self, domid: int, dfn: Dfn) -> set[RefEntry | None]:
         """Every translation a device of the domain may get for ``dfn`` now (None: a fault)."""
         d = self.domains[domid]
-        out: set[RefEntry | None] = {d.view.get(dfn)}
-        out |= d.stale.get(dfn, set())
-        return out
+        return {d.view.get(dfn)} | d.stale.get(dfn, set())
 
     def outcomes(self, domid: int, dfn: Dfn, access: Perm) -> set[Mfn | None]:
         """The machine frames an access may reach (None: it may fault)."""
