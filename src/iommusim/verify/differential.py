@@ -14,7 +14,13 @@ device sees there must not change while it stays, and the isolation check says w
 (single pages and 2 MiB blocks, ranges aligned or not), flushes made, skipped and deferred, explicit
 flushes, DMA reads and writes, device assignment, deassignment and moves between guests, lookups, and
 domain crash, destruction and re-creation.  ``quirks=`` switches seed-era defects on, so a user can
-point it at one and watch it fail.
+point it at one and watch it fail; ``replay()`` plays a fixed story instead.  Translated guests change
+through their p2m (x86 syncs the IOMMU from it, ARM's SMMU walks it); on x86 a PV guest also changes
+through the generic layer's ``map_page``/``unmap_page`` and range form.
+
+Vendors differ on purpose in one place: the generic deassign is Xen's PCI path (back to the hardware
+domain), and the SMMU driver then attaches the device to dom0's context, where it stays (a later
+assignment is EEXIST); the machine expects exactly that there (``DEASSIGN_ATTACHES_TO_HWDOM``).
 
 Each guest keeps an *anchor* device for life (the roaming devices come and go): on x86 a domain that
 loses its last device loses its IOMMU tables and gets new ones from the M2P when a device returns, which
@@ -47,17 +53,28 @@ from iommusim.tools.check import check
 from iommusim.verify.reference import RefEntry, ReferenceModel
 
 __all__ = [
+    "ACCEL",
     "ANCHORS",
+    "APPLIED_COUNTS",
+    "DEASSIGN_ATTACHES_TO_HWDOM",
     "DEVICES",
+    "DISK",
     "GFN_SPACE",
     "GUEST_PAGES",
+    "NIC",
+    "PVDEV",
+    "PV_SLOTS",
     "ROAMING",
     "SLOTS",
+    "SPARE",
     "STEP_COUNTS",
     "Differential",
     "Divergence",
     "FlushMode",
+    "Lane",
+    "Story",
     "differential_machine",
+    "replay",
 ]
 
 NIC, DISK, ACCEL, SPARE, PVDEV = "0000:03:00.0", "0000:04:00.0", "0000:05:00.0", "0000:06:00.0", "0000:07:00.0"
@@ -84,8 +101,10 @@ _HISTORY = 16
 #: the hardware domain's context, after which attaching it elsewhere is EEXIST (the SMMU driver's rule).
 DEASSIGN_ATTACHES_TO_HWDOM = frozenset({"smmu"})
 
-#: Operations applied so far, by vendor (every step of every ``Differential`` counts).
+#: Steps played so far, by vendor (every step of every ``Differential`` counts, checked by ``verify``).
 STEP_COUNTS: Counter[str] = Counter()
+#: Of those, the operations that did something on that vendor's machine (a PV guest exists on x86 only).
+APPLIED_COUNTS: Counter[str] = Counter()
 
 
 class Divergence(AssertionError):
@@ -237,6 +256,7 @@ class Differential:
         for lane in self.lanes:
             if slot is None or slot in lane.slots:
                 lane.applied += 1
+                APPLIED_COUNTS[lane.vendor] += 1
                 yield lane
 
     def _usable(self, slot: int) -> bool:
