@@ -259,6 +259,14 @@ class Differential:
                 APPLIED_COUNTS[lane.vendor] += 1
                 yield lane
 
+    def usable_slot(self, slot: int) -> int:
+        """``slot`` if its guest can be changed, else the next one that can (random stories waste no steps)."""
+        for i in range(len(SLOTS)):
+            other = SLOTS[(SLOTS.index(slot) + i) % len(SLOTS)]
+            if self._usable(other):
+                return other
+        return slot
+
     def _usable(self, slot: int) -> bool:
         return slot in self.alive and slot not in self.crashed
 
@@ -649,23 +657,23 @@ def differential_machine(
 
         @rule(slot=SLOT, gfn=GFNS, page=PAGES, order=st.sampled_from((0, 0, 0, 9)), writable=st.booleans(), mode=MODES)
         def map(self, slot: int, gfn: int, page: int, order: int, writable: bool, mode: FlushMode) -> None:
-            self.diff.map(slot, gfn, page, order=order, writable=writable, mode=mode)
+            self.diff.map(self.diff.usable_slot(slot), gfn, page, order=order, writable=writable, mode=mode)
 
         @rule(slot=SLOT, gfn=GFNS, order=st.sampled_from((0, 0, 0, 9)), mode=MODES)
         def unmap(self, slot: int, gfn: int, order: int, mode: FlushMode) -> None:
-            self.diff.unmap(slot, gfn, order=order, mode=mode)
+            self.diff.unmap(self.diff.usable_slot(slot), gfn, order=order, mode=mode)
 
         @rule(slot=SLOT, gfn=GFNS, count=COUNTS, page=PAGES, writable=st.booleans(), mode=MODES)
         def map_range(self, slot: int, gfn: int, count: int, page: int, writable: bool, mode: FlushMode) -> None:
-            self.diff.map_range(slot, gfn, count, page, writable=writable, mode=mode)
+            self.diff.map_range(self.diff.usable_slot(slot), gfn, count, page, writable=writable, mode=mode)
 
         @rule(slot=SLOT, gfn=GFNS, count=COUNTS, mode=MODES)
         def unmap_range(self, slot: int, gfn: int, count: int, mode: FlushMode) -> None:
-            self.diff.unmap_range(slot, gfn, count, mode=mode)
+            self.diff.unmap_range(self.diff.usable_slot(slot), gfn, count, mode=mode)
 
         @rule(slot=SLOT, gfn=GFNS, mode=MODES)
         def retype(self, slot: int, gfn: int, mode: FlushMode) -> None:
-            self.diff.retype(slot, gfn, mode=mode)
+            self.diff.retype(self.diff.usable_slot(slot), gfn, mode=mode)
 
         @rule(slot=SLOT, gfn=GFNS, count=COUNTS)
         def flush(self, slot: int, gfn: int, count: int) -> None:
@@ -689,7 +697,7 @@ def differential_machine(
 
         @rule(device=ROAMER, slot=SLOT)
         def assign(self, device: str, slot: int) -> None:
-            self.diff.assign(device, slot)
+            self.diff.assign(device, self.diff.usable_slot(slot))
 
         @rule(device=ROAMER)
         def deassign(self, device: str) -> None:
@@ -697,7 +705,7 @@ def differential_machine(
 
         @rule(device=ROAMER, slot=SLOT)
         def move(self, device: str, slot: int) -> None:
-            self.diff.move(device, slot)
+            self.diff.move(device, self.diff.usable_slot(slot))
 
         @rule(slot=SLOT)
         def crash(self, slot: int) -> None:
