@@ -18,7 +18,8 @@ from hypothesis.stateful import run_state_machine_as_test
 
 from iommusim.drivers.vtd.driver import VtdDriver
 from iommusim.errors import DmaFault
-from iommusim.frames import PAGE_SHIFT, Daddr, Dfn, Mfn
+from iommusim.frames import PAGE_SHIFT, Daddr, Dfn, Gfn, Mfn
+from iommusim.iommu.config import IommuConfig
 from iommusim.machine import PciDevice, Sbdf
 from iommusim.perms import FlushFlags, Perm
 from iommusim.platform import HardwareSpec, available_vendors, build_platform
@@ -315,6 +316,34 @@ def test_smmu_destroy_releases_devices_the_device_tree_way() -> None:
         with pytest.raises(DmaFault):
             p.machine.dma.read(dev, Daddr(d0.extents[0].mfn.value << PAGE_SHIFT), 4)
     assert p.machine.allocator.owned("d1:") == 0
+
+
+@pytest.mark.parametrize("vendor", [v for v in VENDORS if v in ("vtd", "amd")])
+def test_x86_guest_unmap_and_remap_keep_the_m2p_for_tables_rebuilt_later(vendor: str) -> None:
+    """When a device comes back after the last one left, Xen rebuilds the tables from the M2P.
+
+    guest_map/guest_unmap did not keep the M2P (guest_physmap_add_entry/p2m_remove_page do), so a frame
+    the guest had unmapped was reachable again, at its old gfn, after the rebuild.
+    """
+    nic = "0000:03:00.0"
+    config = IommuConfig(hwdom_strict=True, hwdom_inclusive=False)
+    p = build_platform(HardwareSpec(vendor, ram_bytes=64 << 20), config=config, devices=[PciDevice(Sbdf.parse(nic))])
+    p.create_hardware_domain(16 << 20)
+    g = p.create_guest(1, 4 << 20)
+    assert g.p2m is not None
+    p.iommu.assign_device(g, nic)
+    moved = g.p2m.lookup(Gfn(6))
+    assert moved is not None
+    p.guest_unmap(g, Gfn(5))
+    p.guest_unmap(g, Gfn(6))
+    p.guest_map(g, Gfn(0x500), moved.mfn)  # the frame that was at gfn 6 moves to 0x500
+    p.iommu.deassign_device(g, nic)
+    p.iommu.assign_device(g, nic)
+    dev = p.device(nic)
+    for gfn in (5, 6):
+        with pytest.raises(DmaFault):
+            p.machine.dma.read(dev, Daddr(gfn << PAGE_SHIFT), 4)
+    assert p.machine.dma.translate(dev, 0x500 << PAGE_SHIFT, Perm.R) >> PAGE_SHIFT == moved.mfn.value
 
 
 # -- the deep run ------------------------------------------------------------------------------------------
