@@ -23,8 +23,9 @@ domain), and the SMMU driver then attaches the device to dom0's context, where i
 assignment is EEXIST); the machine expects exactly that there (``DEASSIGN_ATTACHES_TO_HWDOM``).
 
 Each guest keeps an *anchor* device for life (the roaming devices come and go): on x86 a domain that
-loses its last device loses its IOMMU tables and gets new ones from the M2P when a device returns, which
-the p2m changes made here do not update, so the rebuilt view legitimately differs from the p2m's.
+loses its last device loses its IOMMU tables and gets new ones from the M2P when a device returns, as
+Xen does, and that view legitimately differs from the p2m's (every page read-write, one gfn per frame),
+which the reference does not model.
 """
 
 from __future__ import annotations
