@@ -12,8 +12,9 @@ Rules it encodes, which are the contract of the generic layer:
   range, closing the windows there: the layer flushes ``[dfn, dfn + count)`` once per call;
 * a change that only adds a translation needs no flush (nothing caches "not present"), so it never
   opens a window, and a flushed call that only adds closes none (no flush is sent); with
-  ``negative_caching`` (VT-d caching mode: the unit caches "not present" too) an addition is a change
-  like any other;
+  ``negative_caching`` (VT-d caching mode: the unit caches "not present" too) a skipped addition may
+  leave "not present" cached, and a flushed one invalidates only that (VT-d flushes non-present entries
+  under domain id 0), never the stale translations of earlier changes;
 * a block (one call for many Dfns, such as a 2 MiB map) may replace a whole table by a leaf: until its
   flush the unit's paging-structure caches may still lead a walk into the old table, so with the flush
   skipped the Dfns it adds may still fault (found by the differential machine on VT-d: a 2 MiB map
@@ -109,7 +110,7 @@ class ReferenceModel:
         present translation changed.  Returns how many present translations changed.
         """
         d = self.domains[domid]
-        modified = 0
+        modified = added = 0
         for i, entry in enumerate(new):
             dfn = first + i
             old = d.view.get(dfn)
@@ -119,15 +120,30 @@ class ReferenceModel:
                 del d.view[dfn]
             else:
                 d.view[dfn] = entry
-            if old is not None or self.negative_caching:
+            if old is not None:
                 modified += 1
                 if not flushed:
                     d.stale.setdefault(dfn, set()).add(old)
-            elif not flushed and len(new) > 1:
+            elif not flushed and (self.negative_caching or len(new) > 1):
                 d.stale.setdefault(dfn, set()).add(None)
+            else:
+                added += 1
         if flushed and modified:
             self.flush(domid, first, len(new))
+        elif flushed and added and self.negative_caching:
+            self._forget_not_present(d, first, len(new))
         return modified
+
+    @staticmethod
+    def _forget_not_present(d: RefDomain, first: Dfn, count: int) -> None:
+        """A flush of non-present entries: cached "not present" goes, stale translations stay."""
+        for i in range(count):
+            dfn = first + i
+            left = d.stale.get(dfn)
+            if left is not None and None in left:
+                left.discard(None)
+                if not left:
+                    del d.stale[dfn]
 
     def flush(self, domid: int, first: Dfn, count: int) -> None:
         """An invalidation of ``[first, first + count)`` reached the hardware."""
