@@ -15,6 +15,8 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from iommusim.errors import InvalidArgument, NoDevice
 from iommusim.frames import Gfn, Mfn
 from iommusim.hw.base import DmaRemapper
@@ -23,8 +25,11 @@ from iommusim.iommu.layer import Iommu, ProgressFn
 from iommusim.iommu.ops import IommuOps
 from iommusim.machine.domain import Domain, DomainKind
 from iommusim.machine.machine import Machine
-from iommusim.machine.p2m import P2mType
+from iommusim.machine.p2m import DictP2m, P2mType
 from iommusim.machine.pci import PciDevice
+
+_RAM_TYPES = frozenset({P2mType.RAM_RW, P2mType.RAM_RO, P2mType.RAM_LOGDIRTY})
+_NO_GFN = np.uint64(0xFFFF_FFFF_FFFF_FFFF)  # the M2P's "no guest frame"
 
 __all__ = ["VENDORS", "HardwareSpec", "Platform", "available_vendors", "build_platform"]
 
@@ -115,15 +120,45 @@ class Platform:
         """
         if d.p2m is None:
             raise InvalidArgument(f"{d} is not translated: it has no p2m")
+        old = self._m2p_olds(d, gfn, order)
         with nullcontext() if flush else self.iommu.dont_flush():
             d.p2m.set_entry(gfn, mfn, order, type)
+        self._m2p_follow(d, old, gfn if type in _RAM_TYPES else None, mfn, order)
 
     def guest_unmap(self, d: Domain, gfn: Gfn, *, order: int = 0, flush: bool = True) -> None:
         """Remove ``2**order`` frames from the guest's p2m (see ``guest_map`` for ``flush``)."""
         if d.p2m is None:
             raise InvalidArgument(f"{d} is not translated: it has no p2m")
+        old = self._m2p_olds(d, gfn, order)
         with nullcontext() if flush else self.iommu.dont_flush():
             d.p2m.remove(gfn, order)
+        self._m2p_follow(d, old, None, None, order)
+
+    @staticmethod
+    def _m2p_olds(d: Domain, gfn: Gfn, order: int) -> list[Mfn]:
+        """The RAM frames an x86 p2m change is about to replace (their M2P entries must go)."""
+        if not isinstance(d.p2m, DictP2m):
+            return []  # ARM has no M2P to keep
+        out = []
+        for i in range(1 << order):
+            e = d.p2m.lookup(gfn + i)
+            if e is not None and e.type in _RAM_TYPES:
+                out.append(e.mfn)
+        return out
+
+    def _m2p_follow(self, d: Domain, old: list[Mfn], gfn: Gfn | None, mfn: Mfn | None, order: int) -> None:
+        """Keep the M2P two-way with an x86 p2m, as guest_physmap_add_entry/p2m_remove_page do.
+
+        Xen rebuilds a guest's IOMMU tables from the M2P when a device comes back after the last one left
+        (``populate_page_table``): without this, frames the guest had unmapped became reachable again.
+        """
+        if not isinstance(d.p2m, DictP2m):
+            return
+        m2p = self.machine.pages.m2p
+        for frame in old:
+            m2p[frame.value] = _NO_GFN
+        if gfn is not None and mfn is not None:
+            m2p[mfn.value : mfn.value + (1 << order)] = np.arange(gfn.value, gfn.value + (1 << order), dtype=np.uint64)
 
     def counters(self) -> dict[str, dict[str, int]]:
         """Every hardware unit's counters, by unit name."""

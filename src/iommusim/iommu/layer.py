@@ -227,12 +227,17 @@ class Iommu:
         ops = self._ops_for(d)
         if ops is None or not count or not flags:
             return
+        # Only a flush for modified entries pays what a skipped flush owes: for additions alone a driver may
+        # send nothing (VT-d without caching mode), and stale entries of earlier changes stay cached.
+        pays = bool(flags & (FlushFlags.MODIFIED | FlushFlags.ALL))
         if "iotlb_flush" not in ops.provided:
-            self.ledger.flushed(d.domid, dfn.value, count)  # the caller did its part; Xen's NULL op did nothing
+            if pays:  # the caller did its part; Xen's NULL op did nothing
+                self.ledger.flushed(d.domid, dfn.value, count)
             return
         try:
             ops.iotlb_flush(d, dfn, count, flags)
-            self.ledger.flushed(d.domid, dfn.value, count)
+            if pays:
+                self.ledger.flushed(d.domid, dfn.value, count)
         except IommuError as exc:
             # the flush did not happen: the window stays open, and is now a reported one (the error below)
             self.ledger.note(d.domid, dfn.value, count)

@@ -42,6 +42,7 @@ from iommusim.errors import InvalidArgument, IommuError
 from iommusim.hw.base import DmaRemapper
 from iommusim.hw.smmu import GLOBAL_IRQ, SmmuConfig, SmmuV2, context_irq
 from iommusim.iommu.config import IommuConfig
+from iommusim.iommu.devices import move_device
 from iommusim.iommu.layer import Iommu, ProgressFn
 from iommusim.machine.domain import Domain, DomainKind
 from iommusim.machine.machine import Machine
@@ -107,6 +108,23 @@ class SmmuPlatform(Platform):
             if not had:
                 self._undo_domain(domid, [])
             raise
+
+    def destroy(self, d: Domain) -> None:
+        """Xen's ARM domain destruction: ``iommu_release_dt_devices`` detaches each device (reassign to NULL).
+
+        The devices are not attached to the hardware domain's context (that is the x86 PCI path of
+        ``deassign_device``): they go back to the state they booted in, held by the hardware domain but
+        reaching nothing, so that they can be assigned again.
+        """
+        hwdom = self.machine.hardware_domain
+        driver = self.ops
+        for dev in list(d.pci_devices):
+            if isinstance(driver, SmmuDriver) and driver.attached_context(dev) is not None:
+                driver.reassign_device(d, None, dev.sbdf.devfn, dev)
+            move_device(dev, hwdom)
+            dev.fault_count = 0
+        self.iommu.domain_destroy(d)
+        self.machine.destroy_domain(d)
 
     def _undo_domain(self, domid: int, unowned: list[PciDevice]) -> None:
         d = self.machine.domains.get(domid)
