@@ -25,7 +25,7 @@ from iommusim.iommu.layer import Iommu, ProgressFn
 from iommusim.iommu.ops import IommuOps
 from iommusim.machine.domain import Domain, DomainKind
 from iommusim.machine.machine import Machine
-from iommusim.machine.p2m import DictP2m, P2mType
+from iommusim.machine.p2m import DictP2m, P2mType, check_order
 from iommusim.machine.pci import PciDevice
 
 _RAM_TYPES = frozenset({P2mType.RAM_RW, P2mType.RAM_RO, P2mType.RAM_LOGDIRTY})
@@ -139,6 +139,7 @@ class Platform:
         """The RAM frames an x86 p2m change is about to replace (their M2P entries must go)."""
         if not isinstance(d.p2m, DictP2m):
             return []  # ARM has no M2P to keep
+        check_order(order)  # before walking 2**order entries: a bad order is EINVAL, not a hang
         out = []
         for i in range(1 << order):
             e = d.p2m.lookup(gfn + i)

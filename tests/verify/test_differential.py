@@ -397,3 +397,20 @@ def test_every_vendor_agrees_with_the_reference_for_20000_steps(capsys: pytest.C
             f"{time.perf_counter() - began:.0f} s"
         )
     assert min(done.values()) >= DEEP_STEPS
+
+
+def test_another_domains_destroy_does_not_free_tables_still_owed_a_flush() -> None:
+    """Found by the deep run on VT-d: a leaf table replaced by a 2 MiB block with the flush skipped was on
+    the layer's shared deferred-free list, and destroying an unrelated domain freed it while the device's
+    paging-structure cache still led to it (a freed page walked as a table)."""
+    story: Story = [
+        ("assign", (ACCEL, 2), {}),
+        ("dma_read", (ACCEL, 0x111), {}),
+        ("unmap", (2, 0x0), {}),
+        ("map", (2, 0x0, 0x0), {"order": 9, "mode": FlushMode.SKIP}),
+        ("destroy", (1,), {}),
+        ("dma_read", (ACCEL, 0x111), {}),
+        ("flush", (2, 0x0, 0x200), {}),
+        ("dma_read", (ACCEL, 0x111), {}),
+    ]
+    replay(Differential(), story)

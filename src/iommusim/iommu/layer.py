@@ -58,7 +58,8 @@ class Iommu:
         self.config = config or IommuConfig()
         self.enabled = False
         self._tls = threading.local()
-        self._cleanup: list[tuple[Mfn, int]] = []  # deferred page-table frees: (frame, level)
+        # deferred page-table frees: (frame, level, domid whose flush they wait for, or None)
+        self._cleanup: list[tuple[Mfn, int, int | None]] = []
         self.log_suppressed_while_shutting_down = 0
         self.setup_error: IommuError | None = None
         self._hwdom_progress: ProgressFn | None = None
@@ -418,7 +419,7 @@ class Iommu:
         ops = self._ops_for(d)
         if ops is not None:
             ops.teardown(d)
-        self.run_cleanup()
+        self.run_cleanup(d)
 
     def domain_destroy(self, d: Domain) -> None:
         # windows its callers left open die with it: a later domain with the same id must not inherit them
@@ -429,9 +430,14 @@ class Iommu:
 
     # -- deferred page-table freeing (Xen's cleanup tasklet) -----------------------------------------------------
 
-    def defer_free(self, mfn: Mfn, level: int) -> None:
-        """Queue a table page (and, through the vendor, its subtree) to be freed later."""
-        self._cleanup.append((expect_kind(Mfn, mfn, "mfn"), level))
+    def defer_free(self, mfn: Mfn, level: int, d: Domain | None = None) -> None:
+        """Queue a table page (and, through the vendor, its subtree) to be freed later.
+
+        A page unhooked from domain ``d``'s live tables names ``d``: it is freed only once ``d`` owes no
+        flush, since until then a unit's caches may still lead to it (a page freed and reused while a
+        paging-structure cache points at it would be walked as a table).
+        """
+        self._cleanup.append((expect_kind(Mfn, mfn, "mfn"), level, None if d is None else d.domid))
 
     @property
     def pending_frees(self) -> int:
@@ -439,18 +445,26 @@ class Iommu:
 
     def deferred_frees(self) -> list[tuple[Mfn, int]]:
         """The table pages queued by ``defer_free`` and not freed yet, as (frame, level): for checkers."""
-        return list(self._cleanup)
+        return [(mfn, level) for mfn, level, _ in self._cleanup]
 
-    def run_cleanup(self) -> int:
-        """Drain the deferred-free list through the vendor's free_page_table; returns pages processed."""
+    def run_cleanup(self, dying: Domain | None = None) -> int:
+        """Free the deferred pages whose domain owes no flush (or is ``dying``); returns pages freed.
+
+        Pages still waiting for their domain's flush stay queued for a later run.
+        """
         n = 0
+        waiting: list[tuple[Mfn, int, int | None]] = []
         while self._cleanup:
-            mfn, level = self._cleanup.pop(0)
+            mfn, level, domid = self._cleanup.pop(0)
+            if domid is not None and (dying is None or domid != dying.domid) and self.ledger.pending(domid):
+                waiting.append((mfn, level, domid))
+                continue
             if self.ops is not None and "free_page_table" in self.ops.provided:
                 self.ops.free_page_table(mfn, level)
             else:
                 self.machine.allocator.free(mfn)
             n += 1
+        self._cleanup = waiting + self._cleanup
         return n
 
     # -- devices -------------------------------------------------------------------------------------------------

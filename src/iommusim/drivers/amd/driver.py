@@ -174,7 +174,7 @@ class AmdIommuDriver(DeviceOps):
         with d.iommu.mapping_lock:
             root = st.table.root
             if root is not None:
-                self.iommu.defer_free(root, st.table.levels)
+                self.iommu.defer_free(root, st.table.levels, d)
                 st.table.set_root(None)
             st.unity.clear()
         self.flush_all_pages(d)

@@ -357,7 +357,7 @@ class VtdDriver:
             bits = {1: 0}
         with d.iommu.mapping_lock:
             change = st.table.map_range(dfn.value, mfn.value << PAGE_SHIFT, count, bits)
-        self._defer_tables(change.freed_tables)
+        self._defer_tables(d, change.freed_tables)
         return FlushFlags(change.flush)
 
     def unmap_range(self, d: Domain, dfn: Dfn, count: int) -> FlushFlags:
@@ -368,13 +368,13 @@ class VtdDriver:
         self._check_width(st, d, dfn, count)
         with d.iommu.mapping_lock:
             change = st.table.unmap_range(dfn.value, count)
-        self._defer_tables(change.freed_tables)
+        self._defer_tables(d, change.freed_tables)
         return FlushFlags(change.flush & (FlushFlags.MODIFIED | FlushFlags.ALL))
 
-    def _defer_tables(self, frames: list[int]) -> None:
+    def _defer_tables(self, d: Domain, frames: list[int]) -> None:
         iommu = self.require_iommu()
         for f in frames:
-            iommu.defer_free(Mfn(f), 1)
+            iommu.defer_free(Mfn(f), 1, d)
 
     # -- flushing -------------------------------------------------------------------------------------
 
@@ -528,7 +528,7 @@ class VtdDriver:
             return
         root = st.table.root
         if root is not None:
-            self.require_iommu().defer_free(root, st.levels)
+            self.require_iommu().defer_free(root, st.levels, d)
             st.table.set_root(None)
 
     def free_page_table(self, mfn: Mfn, level: int) -> None:
