@@ -37,6 +37,7 @@ __all__ = [
     "BatchTranslator",
     "ReferenceBatch",
     "ReplayStats",
+    "as_daddr_array",
     "batch_translator",
     "fault_code",
 ]
@@ -150,7 +151,8 @@ class BatchTranslator(Protocol):
         ...
 
 
-def _as_u64(daddrs: npt.ArrayLike) -> U64Array:
+def as_daddr_array(daddrs: npt.ArrayLike) -> U64Array:
+    """A one-dimensional uint64 array of device addresses, or EINVAL (shared by every batch path)."""
     arr = np.asarray(daddrs)
     if arr.ndim != 1:
         raise InvalidArgument("device addresses come as a one-dimensional array")
@@ -166,7 +168,7 @@ class ReferenceBatch:
         self.unit = unit
 
     def translate_batch(self, source_id: int, daddrs: U64Array, access: Perm, *, use_iotlb: bool = True) -> BatchResult:
-        addrs = _as_u64(daddrs)
+        addrs = as_daddr_array(daddrs)
         n = addrs.size
         maddrs = np.zeros(n, dtype=np.uint64)
         faults = np.zeros(n, dtype=np.uint16)
@@ -191,7 +193,7 @@ class ReferenceBatch:
         Whether the unit counts is decided over the whole run (and what it counted before), so a step that
         never reached the IOTLB (a fault before it) shows no hit and no miss wherever it comes in the trace.
         """
-        addrs = _as_u64(daddrs)
+        addrs = as_daddr_array(daddrs)
         acc = np.asarray(accesses)
         if acc.shape != addrs.shape:
             raise InvalidArgument("a trace has one access kind per address")

@@ -34,7 +34,7 @@ import numpy.typing as npt
 
 from iommusim.errors import DmaFault, InvalidArgument
 from iommusim.hw.base import Translation
-from iommusim.hw.batch import BatchResult, ReplayStats, fault_code
+from iommusim.hw.batch import BatchResult, ReplayStats, as_daddr_array, fault_code
 from iommusim.hw.fastwalk import VecWalk
 from iommusim.hw.iotlb import Iotlb, IotlbEntry
 from iommusim.machine.memory import MachineMemory
@@ -212,15 +212,6 @@ def bump(counters: Counter[str], name: str, n: int) -> None:
     """Add ``n`` to a counter, creating no zero entry (a Counter compares its zero entries too)."""
     if n:
         counters[name] += n
-
-
-def _as_u64(daddrs: npt.ArrayLike) -> U64Array:
-    arr = np.asarray(daddrs)
-    if arr.ndim != 1:
-        raise InvalidArgument("device addresses come as a one-dimensional array")
-    if arr.size and arr.dtype.kind == "i" and int(arr.min()) < 0:
-        raise InvalidArgument("device addresses are not negative")
-    return arr.astype(np.uint64, copy=False)
 
 
 def _iotlb_counts(unit: BatchUnit) -> tuple[int, int, int]:
@@ -469,7 +460,7 @@ def fast_translate_batch(
     unit: BatchUnit, source_id: int, daddrs: npt.ArrayLike, access: Perm, *, use_iotlb: bool = True
 ) -> BatchResult:
     """``BatchTranslator.translate_batch`` for a unit that gives plans."""
-    addrs = _as_u64(daddrs)
+    addrs = as_daddr_array(daddrs)
     accs = np.full(addrs.size, int(access) & 3, dtype=np.uint8)
     out = _Out.make(addrs.size, steps=False)
     if use_iotlb:
@@ -481,7 +472,7 @@ def fast_translate_batch(
 
 def fast_replay(unit: BatchUnit, source_id: int, daddrs: npt.ArrayLike, accesses: npt.ArrayLike) -> ReplayStats:
     """``BatchTranslator.replay`` for a unit that gives plans."""
-    addrs = _as_u64(daddrs)
+    addrs = as_daddr_array(daddrs)
     acc = np.asarray(accesses)
     if acc.shape != addrs.shape:
         raise InvalidArgument("a trace has one access kind per address")
