@@ -17,10 +17,9 @@ from iommusim.machine.allocator import PageAllocator
 from iommusim.machine.domain import Domain
 from iommusim.machine.p2m import P2mType
 from iommusim.machine.pci import PciDevice, Sbdf
-from iommusim.pagetable.walk import walk
 from iommusim.perms import Perm
 from iommusim.platform import HardwareSpec, Platform, available_vendors, build_platform
-from iommusim.tools.tables import table_mappings
+from iommusim.tools.tables import table_lookup, table_mappings
 from iommusim.tools.vendors import vendor_tools
 
 VENDORS = available_vendors()
@@ -67,16 +66,7 @@ class Rig:
         root = vendor_tools(self.vendor).domain_tables(self.p, d)
         if root is None:
             return None
-        w = walk(
-            self.p.machine.memory,
-            root.fmt,
-            root.root_mfn,
-            root.levels,
-            dfn << 12,
-            root_pages=root.root_pages,
-            root_perms=root.perms,
-        )
-        return (w.maddr >> 12, w.perms, w.entry.page_shift) if w.ok else None
+        return table_lookup(self.p.machine.memory, root, dfn)
 
     def mappings(self, d: Domain) -> list[tuple[int, int, int, int]]:
         """Every translation of the domain's tables as (dfn, pages, mfn, perms), read from memory."""

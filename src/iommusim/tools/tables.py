@@ -23,7 +23,7 @@ import numpy as np
 
 from iommusim.frames import PAGE_SHIFT
 from iommusim.pagetable.format import EntryKind, PageTableFormat, U64Array, level_shift
-from iommusim.pagetable.walk import FrameReader, Mapping, TableWalkError, mappings, walk_tables
+from iommusim.pagetable.walk import FrameReader, Mapping, TableWalkError, mappings, walk, walk_tables
 from iommusim.perms import Perm
 
 __all__ = [
@@ -112,6 +112,20 @@ def table_mappings(
         problems=problems,
         root_perms=root.perms,
     )
+
+
+def table_lookup(reader: FrameReader, root: TableRoot, dfn: int) -> tuple[int, Perm, int] | None:
+    """(machine frame, permissions, page shift) the tree in memory gives ``dfn``, or None where it faults."""
+    w = walk(
+        reader,
+        root.fmt,
+        root.root_mfn,
+        root.levels,
+        dfn << PAGE_SHIFT,
+        root_pages=root.root_pages,
+        root_perms=root.perms,
+    )
+    return (w.maddr >> PAGE_SHIFT, w.perms, w.entry.page_shift) if w.ok else None
 
 
 def table_frames(reader: FrameReader, root: TableRoot, *, max_tables: int = DEFAULT_MAX_TABLES) -> list[int]:

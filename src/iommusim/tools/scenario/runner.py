@@ -22,13 +22,13 @@ from iommusim.iommu.config import IommuConfig
 from iommusim.machine.domain import Domain
 from iommusim.machine.p2m import P2mType
 from iommusim.machine.pci import PciDevice, Sbdf
-from iommusim.pagetable.walk import walk
 from iommusim.perms import Perm
 from iommusim.platform import VENDORS, HardwareSpec, Platform, available_vendors, build_platform
 from iommusim.tools.check import CheckReport, Grant, check
 from iommusim.tools.dump import MachineDump, dump_platform
 from iommusim.tools.scenario.model import DEFAULT_DEVICES, DomainSpec, PageTypeSpec, Scenario, ScenarioError, Step
 from iommusim.tools.scenario.values import FrameRef, PerVendor
+from iommusim.tools.tables import table_lookup
 from iommusim.tools.vendors import KNOWN_VENDORS, VendorTools, vendor_tools
 
 __all__ = ["IotlbEvent", "RunResult", "ScenarioRunner", "StepFailed", "StepRecord", "run_scenario", "vendors_for"]
@@ -623,19 +623,7 @@ class ScenarioRunner:
         tables = self.tools.domain_tables(self.platform, d)
         want_ref = step.get("expect_mfn", self.vendor)
         want = None if want_ref is None else self._mfn(want_ref).value
-        if tables is None:
-            got: tuple[int, Perm, int] | None = None
-        else:
-            w = walk(
-                self.platform.machine.memory,
-                tables.fmt,
-                tables.root_mfn,
-                tables.levels,
-                dfn << 12,
-                root_pages=tables.root_pages,
-                root_perms=tables.perms,
-            )
-            got = (w.maddr >> 12, w.perms, w.entry.page_shift) if w.ok else None
+        got = None if tables is None else table_lookup(self.platform.machine.memory, tables, dfn)
         rec.result["mapping"] = (
             None if got is None else {"mfn": f"{got[0]:#x}", "perms": got[1].short(), "shift": got[2]}
         )
